@@ -1,0 +1,85 @@
+"""The one record scheme shared by every refjax TFDS builder (RefShapes and real data).
+
+One record per **image** (scene), so image bytes are stored once, however many expressions
+refer to it. Only one level of ``tfds.features.Sequence`` is used (deeper nesting needs
+TensorFlow to serialise); variable-length per-expression lists (target objects, reference
+masks) are stored CSR-style: scene-level flat lists plus per-expression ``*_start``/``*_count``.
+Builders set ``disable_shuffling = True`` so record order equals generation order, and write
+``expressions_per_record`` for each split into the dataset's ``metadata.json`` so that the
+pipeline can index expressions without decoding any record.
+
+Record fields (what ``scene_features()`` declares):
+
+- ``image/id`` (str), ``image/filename`` (str), ``image`` (PNG/JPEG bytes -> uint8 HxWx3),
+  ``image/height``, ``image/width`` (int32)
+- ``objects``: Sequence of ``{id: int64, box: float32[4] COCO xywh pixels, mask: PNG (HxWx1),
+  category: str}``: the ground-truth instances (COCO: the annotations of the image).
+- ``expressions``: Sequence of ``{id: str, text: str, kind: str,
+  target_start, target_count, ref_start, ref_count: int32,
+  subject_span: int32[2], object_span: int32[2] (word indices [start, end), -1 if absent)}``
+- ``expr_targets`` (Sequence int32): indices into ``objects``; expression e's targets are
+  ``expr_targets[target_start:target_start + target_count]`` (count 0 = no-target).
+- ``expr_refs`` (Sequence int32): indices into ``objects`` of ``<mask-ref>`` reference masks.
+- ``pool``: Sequence of ``{mask: PNG (HxWx1), source: str}``: the candidate mask pool (RAS).
+- ``pool_ioa`` (Sequence float32): row-major ``[num_expressions, num_pool]`` IoA of each
+  candidate against the union of the expression's targets (labels: IoA >= 0.5).
+- ``caption`` (str): one scene caption ('' when absent).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+# Keys of the metadata.json entry holding, per split, the number of expressions in each record.
+EXPRESSIONS_PER_RECORD = "expressions_per_record"
+NO_SPAN = (-1, -1)
+POSITIVE_IOA = 0.5
+
+
+def scene_features() -> Any:
+    """The tfds FeaturesDict of a scene record (see module docstring)."""
+    import tensorflow_datasets as tfds
+
+    png = dict(encoding_format="png")
+    return tfds.features.FeaturesDict(
+        {
+            "image/id": tfds.features.Text(),
+            "image/filename": tfds.features.Text(),
+            "image": tfds.features.Image(shape=(None, None, 3)),
+            "image/height": np.int32,
+            "image/width": np.int32,
+            "objects": tfds.features.Sequence(
+                {
+                    "id": np.int64,
+                    "box": tfds.features.Tensor(shape=(4,), dtype=np.float32),
+                    "mask": tfds.features.Image(shape=(None, None, 1), **png),
+                    "category": tfds.features.Text(),
+                }
+            ),
+            "expressions": tfds.features.Sequence(
+                {
+                    "id": tfds.features.Text(),
+                    "text": tfds.features.Text(),
+                    "kind": tfds.features.Text(),
+                    "target_start": np.int32,
+                    "target_count": np.int32,
+                    "ref_start": np.int32,
+                    "ref_count": np.int32,
+                    "subject_span": tfds.features.Tensor(shape=(2,), dtype=np.int32),
+                    "object_span": tfds.features.Tensor(shape=(2,), dtype=np.int32),
+                }
+            ),
+            "expr_targets": tfds.features.Sequence(np.int32),
+            "expr_refs": tfds.features.Sequence(np.int32),
+            "pool": tfds.features.Sequence(
+                {
+                    "mask": tfds.features.Image(shape=(None, None, 1), **png),
+                    "source": tfds.features.Text(),
+                }
+            ),
+            "pool_ioa": tfds.features.Sequence(np.float32),
+            "caption": tfds.features.Text(),
+        }
+    )

@@ -1,0 +1,236 @@
+"""Random-access reader of prepared scene datasets (any builder following ``schema.py``).
+
+``open_scenes(name, split, data_dir, config)`` opens ``<data_dir>/<name>/<config>/<version>``
+(the newest version) without importing the builder module. ``SceneSource[i]`` decodes a record
+with :func:`decode_scene`, which is pure so grain workers can run it on ``SceneSource.raw``.
+
+Scene dict (what ``decode_scene`` returns)::
+
+    image_id: str              image: uint8 (H, W, 3)
+    boxes: float32 (K, 4) xyxy pixels           masks: uint8 (K, H, W) 0/1 (visible pixels)
+    categories: list[str]      object_ids: int64 (K,)
+    expressions: list of {id: str, text: str, kind: str, targets: int32 (T,), refs: int32 (R,),
+                          subject_span: (int, int), object_span: (int, int)}   # [start, end)
+    pool_masks: uint8 (P, H, W)   pool_sources: list[str]   pool_ioa: float32 (E, P)
+    caption: str
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import numpy as np
+
+from refjax import boxes as box_ops
+from refjax.data import schema
+from refjax.data.errors import BadRecordError
+from refjax.data.images import decode_image
+
+
+def _str(v: Any) -> str:
+    return v.decode("utf-8") if isinstance(v, (bytes, np.bytes_)) else str(v)
+
+
+def _strs(v: Any) -> list[str]:
+    return [_str(x) for x in (v if v is not None else [])]
+
+
+def _mask_stack(values: Any, h: int, w: int, rid: str, field: str) -> np.ndarray:
+    """Masks (decoded arrays or PNG bytes) -> uint8 (N, H, W) 0/1, checking every size."""
+    out = []
+    for j, m in enumerate(values if values is not None else []):
+        if isinstance(m, (bytes, np.bytes_)):
+            m = decode_image(bytes(m), rid, f"{field}[{j}]")[..., 0]
+        m = np.asarray(m)
+        if m.ndim == 3 and m.shape[-1] == 1:
+            m = m[..., 0]
+        if m.shape != (h, w):
+            raise BadRecordError(rid, f"{field}[{j}]", f"mask shape {m.shape} != image {(h, w)}")
+        out.append(m > 0)
+    return np.stack(out).astype(np.uint8) if out else np.zeros((0, h, w), np.uint8)
+
+
+def _boxes_xyxy(xywh: Any, h: int, w: int, rid: str) -> np.ndarray:
+    b = np.asarray(xywh, np.float32).reshape(-1, 4)
+    for j, box in enumerate(b):
+        if not np.all(np.isfinite(box)) or box[2] <= 0 or box[3] <= 0:
+            raise BadRecordError(rid, f"objects/box[{j}]", f"degenerate box {box.tolist()}")
+        if box[0] < -1 or box[1] < -1 or box[0] + box[2] > w + 1 or box[1] + box[3] > h + 1:
+            raise BadRecordError(rid, f"objects/box[{j}]", f"box {box.tolist()} outside image")
+    return box_ops.xywh_to_xyxy(b).astype(np.float32)
+
+
+def _indices(flat: np.ndarray, start: int, count: int, k: int, rid: str, field: str):
+    if start < 0 or count < 0 or start + count > len(flat):
+        raise BadRecordError(rid, field, f"slice [{start}, {start + count}) out of range")
+    idx = flat[start : start + count].astype(np.int32)
+    if idx.size and (idx.min() < 0 or idx.max() >= k):
+        raise BadRecordError(rid, field, f"object index out of range 0..{k - 1}: {idx.tolist()}")
+    return idx
+
+
+def decode_scene(record: dict) -> dict:
+    """A schema record (as tfds decodes it, or with PNG bytes) -> the scene dict above.
+
+    Raises ``BadRecordError`` naming the record id and field for unreadable images, masks of the
+    wrong size, degenerate boxes, empty texts, and inconsistent index lists.
+    """
+    rid = _str(record.get("image/id", "?"))
+    image = record.get("image")
+    if isinstance(image, (bytes, np.bytes_)):
+        image = decode_image(bytes(image), rid, "image")
+    image = np.asarray(image)
+    if image.ndim != 3 or image.shape[-1] != 3 or image.dtype != np.uint8:
+        raise BadRecordError(rid, "image", f"expected uint8 (H, W, 3), got {image.shape}")
+    h, w = image.shape[:2]
+    if "image/height" in record and (int(record["image/height"]), int(record["image/width"])) != (
+        h,
+        w,
+    ):
+        raise BadRecordError(rid, "image/height", f"declared size != decoded size {(h, w)}")
+    obj = record.get("objects", {})
+    masks = _mask_stack(obj.get("mask"), h, w, rid, "objects/mask")
+    boxes = _boxes_xyxy(obj.get("box", np.zeros((0, 4))), h, w, rid)
+    k = len(masks)
+    if len(boxes) != k:
+        raise BadRecordError(rid, "objects/box", f"{len(boxes)} boxes for {k} masks")
+    ex = record.get("expressions", {})
+    targets = np.asarray(record.get("expr_targets", []), np.int32).reshape(-1)
+    refs = np.asarray(record.get("expr_refs", []), np.int32).reshape(-1)
+    expressions = []
+    ids = _strs(ex.get("id"))
+    texts, kinds = _strs(ex.get("text")), _strs(ex.get("kind"))
+    for e, eid in enumerate(ids):
+        if not texts[e].strip():
+            raise BadRecordError(eid, "text", "empty expression text")
+        sub = np.asarray(ex["subject_span"][e]).reshape(2)
+        obj_span = np.asarray(ex["object_span"][e]).reshape(2)
+        expressions.append(
+            {
+                "id": eid,
+                "text": texts[e],
+                "kind": kinds[e],
+                "targets": _indices(
+                    targets,
+                    int(ex["target_start"][e]),
+                    int(ex["target_count"][e]),
+                    k,
+                    eid,
+                    "expr_targets",
+                ),
+                "refs": _indices(
+                    refs, int(ex["ref_start"][e]), int(ex["ref_count"][e]), k, eid, "expr_refs"
+                ),
+                "subject_span": (int(sub[0]), int(sub[1])),
+                "object_span": (int(obj_span[0]), int(obj_span[1])),
+            }
+        )
+    pool = record.get("pool", {})
+    pool_masks = _mask_stack(pool.get("mask"), h, w, rid, "pool/mask")
+    ioa = np.asarray(record.get("pool_ioa", []), np.float32).reshape(-1)
+    if ioa.size != len(expressions) * len(pool_masks):
+        raise BadRecordError(
+            rid,
+            "pool_ioa",
+            f"{ioa.size} values for {len(expressions)} expressions x {len(pool_masks)} candidates",
+        )
+    return {
+        "image_id": rid,
+        "image": image,
+        "boxes": boxes,
+        "masks": masks,
+        "categories": _strs(obj.get("category")),
+        "object_ids": np.asarray(obj.get("id", np.arange(k)), np.int64).reshape(-1),
+        "expressions": expressions,
+        "pool_masks": pool_masks,
+        "pool_sources": _strs(pool.get("source")),
+        "pool_ioa": ioa.reshape(len(expressions), len(pool_masks)),
+        "caption": _str(record.get("caption", "")),
+    }
+
+
+def _version_key(v: str) -> tuple[int, ...]:
+    return tuple(int(x) for x in v.split("."))
+
+
+def dataset_dir(name: str, data_dir: str, config: str | None = None) -> str:
+    """``<data_dir>/<name>/<config>/<newest version>`` (``config`` may be omitted if unique)."""
+    root = os.path.join(data_dir, name)
+    if not os.path.isdir(root):
+        raise FileNotFoundError(
+            f"dataset {name!r} not found under {data_dir}; build it with "
+            f"`python -m refjax build-data {name}`"
+        )
+    if config is None:
+        configs = [c for c in os.listdir(root) if os.path.isdir(os.path.join(root, c))]
+        versioned = [c for c in configs if c[:1].isdigit()]
+        if versioned:  # a builder without configs
+            config = ""
+        elif len(configs) == 1 or "default" in configs:
+            config = configs[0] if len(configs) == 1 else "default"
+        else:
+            raise ValueError(f"dataset {name!r} has configs {sorted(configs)}; pass config=")
+    cdir = os.path.join(root, config)
+    versions = [
+        v
+        for v in (os.listdir(cdir) if os.path.isdir(cdir) else [])
+        if v[:1].isdigit() and os.path.isfile(os.path.join(cdir, v, "dataset_info.json"))
+    ]
+    if not versions:
+        raise FileNotFoundError(f"no prepared version of {name}/{config} under {cdir}")
+    return os.path.join(cdir, max(versions, key=_version_key))
+
+
+class SceneSource:
+    """Random-access decoded scenes of one split (``len``, ``[i]``) plus expression indexing."""
+
+    def __init__(self, path: str, split: str):
+        import tensorflow_datasets as tfds
+
+        self.path = path
+        self.split = split
+        self.raw = tfds.builder_from_directory(path).as_data_source(split=split)
+        self._counts: np.ndarray | None = None
+
+    def __len__(self) -> int:
+        return len(self.raw)
+
+    def __getitem__(self, i: int) -> dict:
+        if not -len(self) <= i < len(self):
+            raise IndexError(f"record {i} out of range for {len(self)} records")
+        return decode_scene(self.raw[i % len(self)])
+
+    def expressions_per_record(self) -> np.ndarray:
+        """int32 (N,): expressions in each record, from ``metadata.json`` (no decoding)."""
+        if self._counts is None:
+            meta_path = os.path.join(self.path, "metadata.json")
+            with open(meta_path) as f:
+                meta = json.load(f)
+            counts = meta.get(schema.EXPRESSIONS_PER_RECORD, {}).get(self.split)
+            if counts is None or len(counts) != len(self):
+                raise BadRecordError(
+                    meta_path,
+                    schema.EXPRESSIONS_PER_RECORD,
+                    f"missing or wrong length for split {self.split!r}",
+                )
+            self._counts = np.asarray(counts, np.int32)
+        return self._counts
+
+    def expression_index(self) -> np.ndarray:
+        """int32 (M, 2): (record index, expression index) of every expression, in order."""
+        counts = self.expressions_per_record()
+        rec = np.repeat(np.arange(len(counts), dtype=np.int32), counts)
+        starts = np.repeat(np.cumsum(counts) - counts, counts)
+        expr = np.arange(int(counts.sum()), dtype=np.int32) - starts
+        return np.stack([rec, expr.astype(np.int32)], axis=1).reshape(-1, 2)
+
+    def file(self, name: str) -> str:
+        """Path of a file stored with the dataset (e.g. ``beit3.spm``, ``tokenizer.model``)."""
+        return os.path.join(self.path, name)
+
+
+def open_scenes(name: str, split: str, data_dir: str, config: str | None = None) -> SceneSource:
+    """Open a prepared split of ``name`` (e.g. 'refshapes', config 'tiny') for random access."""
+    return SceneSource(dataset_dir(name, data_dir, config), split)

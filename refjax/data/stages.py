@@ -1,0 +1,293 @@
+"""Grain stages of the refjax pipelines: picklable module-level Map/RandomMap classes.
+
+Each stage wraps a pure function of ``refjax.data.transforms``. Bad records: with
+``skip_bad`` a ``BadRecordError`` becomes a *bad sentinel* (logged where it happens, which may be
+a worker process) that later stages pass through; ``Finalize`` turns sentinels into blank rows
+(``valid=0``; eval) or leaves them to ``SkipBadIterDataset`` (train), which drops them and adds
+their number to the next example's ``_skipped`` field. Batches therefore carry the count to the
+main process, whatever process the record was skipped in (see ``pipeline.PipelineIterator``).
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import grain
+import numpy as np
+from absl import logging
+
+from refjax import masking
+from refjax.data import transforms as tf
+from refjax.data.errors import BadRecordError
+from refjax.data.schema import POSITIVE_IOA
+
+BAD = "_bad"  # sentinel key: a skipped bad record
+PAD = "_pad"  # sentinel key: an eval padding row
+DROP = "_drop"  # sentinel key: an expression the task cannot use (not a bad record)
+SKIPPED = "_skipped"  # per-row count of bad records skipped just before (or as) this row
+TASKS = ("rec", "res", "mrefm", "ras")
+_LOAD_LOCK = threading.Lock()
+
+
+def is_sentinel(x: Any) -> bool:
+    return isinstance(x, dict) and (BAD in x or PAD in x or DROP in x)
+
+
+class _Guarded:
+    """Runs ``_apply`` unless the element is a sentinel; turns BadRecordError into a sentinel."""
+
+    skip_bad: bool = False
+
+    def _run(self, x: Any, *args: Any) -> Any:
+        if is_sentinel(x):
+            return x
+        try:
+            return self._apply(x, *args)
+        except BadRecordError as e:
+            if not self.skip_bad:
+                raise
+            logging.warning("refjax pipeline: skipping bad record: %s", e)
+            return {
+                BAD: 1,
+                "expr_index": int(x.get("expr_index", -1)) if isinstance(x, dict) else int(x[0]),
+                "error": str(e),
+            }
+
+    def _apply(self, x: Any, *args: Any) -> Any:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+
+class Expand(_Guarded, grain.transforms.Map):
+    """(expr_index, record, expression) -> ``transforms.expand`` example, or a sentinel (PAD for
+    padding rows, DROP when ``eligible(example)`` is False)."""
+
+    def __init__(
+        self,
+        source: Any,
+        skip_bad: bool,
+        eligible: Callable[[dict], bool] | None = None,
+        keep_pool: bool = True,
+    ):
+        self.source, self.skip_bad, self.eligible = source, skip_bad, eligible
+        self.keep_pool = keep_pool  # False: drop pool/reference masks (only RAS uses them)
+
+    def map(self, item: Any) -> Any:
+        i, rec, e = (int(v) for v in item)
+        if rec < 0:
+            return {PAD: 1, "expr_index": i}
+        return self._run((i, rec, e))
+
+    def _apply(self, item: tuple[int, int, int]) -> tf.Example:
+        i, rec, e = item
+        ex = tf.expand(self.source[rec], e)
+        if self.eligible is not None and not self.eligible(ex):
+            return {DROP: 1, "expr_index": i}
+        if not self.keep_pool:
+            empty = np.zeros((0, *ex["mask"].shape), np.uint8)
+            ex.update(pool_masks=empty, ref_masks=empty, pool_ioa=np.zeros(0, np.float32))
+        ex["expr_index"] = i
+        return ex
+
+
+class EvalLetterbox(_Guarded, grain.transforms.Map):
+    def __init__(self, size: int, skip_bad: bool, mean=tf.IMAGENET_MEAN, std=tf.IMAGENET_STD):
+        self.size, self.skip_bad, self.mean, self.std = size, skip_bad, mean, std
+
+    def map(self, x: Any) -> Any:
+        return self._run(x)
+
+    def _apply(self, x: tf.Example) -> tf.Example:
+        return tf.eval_letterbox(x, self.size, self.mean, self.std)
+
+
+class Augment(_Guarded, grain.transforms.RandomMap):
+    def __init__(
+        self,
+        size: int,
+        skip_bad: bool,
+        num_scales: int = 7,
+        mean=tf.IMAGENET_MEAN,
+        std=tf.IMAGENET_STD,
+    ):
+        self.size, self.skip_bad, self.num_scales = size, skip_bad, num_scales
+        self.mean, self.std = mean, std
+
+    def random_map(self, x: Any, rng: np.random.Generator) -> Any:
+        return self._run(x, rng)
+
+    def _apply(self, x: tf.Example, rng: np.random.Generator) -> tf.Example:
+        return tf.augment(
+            x, self.size, rng, num_scales=self.num_scales, mean=self.mean, std=self.std
+        )
+
+
+class Tokenize(_Guarded, grain.transforms.Map):
+    """Loads the BEiT-3 tokenizer lazily in each process (the loaded tokenizer is not pickled)."""
+
+    def __init__(self, tokenizer_path: str, max_len: int, truncate: bool, skip_bad: bool):
+        self.tokenizer_path, self.max_len = tokenizer_path, max_len
+        self.truncate, self.skip_bad = truncate, skip_bad
+        self._tok: Any = None
+
+    def __getstate__(self) -> dict:
+        return {k: v for k, v in self.__dict__.items() if k != "_tok"} | {"_tok": None}
+
+    @property
+    def tokenizer(self) -> Any:
+        if self._tok is None:
+            with _LOAD_LOCK:  # grain read threads: transformers' lazy imports are not thread-safe
+                if self._tok is None:
+                    from refjax.data.tokenizers import load_beit3_tokenizer
+
+                    self._tok = load_beit3_tokenizer(self.tokenizer_path)
+        return self._tok
+
+    def map(self, x: Any) -> Any:
+        return self._run(x)
+
+    def _apply(self, x: tf.Example) -> tf.Example:
+        return tf.tokenize(x, self.tokenizer, self.max_len, truncate=self.truncate)
+
+
+class MRefMMask(_Guarded, grain.transforms.RandomMap):
+    """Referring-aware image mask and text mask (``refjax.masking``) of every example."""
+
+    def __init__(
+        self,
+        size: int,
+        patch: int,
+        mask_id: int,
+        mask_ratio: float = 0.35,
+        dynamic_ratio: float = 0.75,
+        text_mask_prob: float = 0.4,
+    ):
+        self.size, self.patch, self.mask_id = size, patch, mask_id
+        self.mask_ratio, self.dynamic_ratio, self.text_mask_prob = (
+            mask_ratio,
+            dynamic_ratio,
+            text_mask_prob,
+        )
+
+    def random_map(self, x: Any, rng: np.random.Generator) -> Any:
+        return self._run(x, rng)
+
+    def _apply(self, x: tf.Example, rng: np.random.Generator) -> tf.Example:
+        box = tf.box_to_target(x["box"], self.size)
+        out = dict(x)
+        out["mim_mask"] = masking.referring_image_mask(
+            box,
+            self.size // self.patch,
+            rng,
+            mask_ratio=self.mask_ratio,
+            dynamic_ratio=self.dynamic_ratio,
+        )
+        out["mlm_ids"], out["mlm_mask"] = masking.text_mask(
+            x["text_ids"],
+            x["n_tok"],
+            rng,
+            mask_id=self.mask_id,
+            priority=x["mlm_priority"],
+            mask_prob=self.text_mask_prob,
+        )
+        return out
+
+
+@dataclass(frozen=True)
+class Shapes:
+    """Static shapes of a task's examples."""
+
+    task: str
+    size: int
+    max_len: int
+    patch: int = 16
+    pool_max: int = 24
+    refs_max: int = 4
+
+    def blank(self) -> dict[str, np.ndarray]:
+        """A row of zeros with every key of the task (``valid`` = 0)."""
+        s, n = self.size, self.max_len
+        row = {
+            "image": np.zeros((s, s, 3), np.float32),
+            "box": np.zeros(4, np.float32),
+            "mask": np.zeros((s, s), np.uint8),
+            "text_ids": np.zeros(n, np.int32),
+            "text_padding": np.ones(n, np.int32),
+            "kind": np.int32(0),
+            "valid": np.int32(0),
+            "expr_index": np.int32(-1),
+            "letterbox": np.zeros(6, np.float32),
+            SKIPPED: np.int32(0),
+        }
+        if self.task == "mrefm":
+            g = s // self.patch
+            row.update(
+                image_raw=np.zeros((s, s, 3), np.uint8),
+                mim_mask=np.zeros(g * g, bool),
+                mlm_ids=np.zeros(n, np.int32),
+                mlm_mask=np.zeros(n, np.int32),
+            )
+        if self.task == "ras":
+            row.update(
+                pool_masks=np.zeros((self.pool_max, s, s), np.uint8),
+                pool_valid=np.zeros(self.pool_max, np.int32),
+                pool_labels=np.zeros(self.pool_max, np.int32),
+                ref_masks=np.zeros((self.refs_max, s, s), np.uint8),
+                ref_valid=np.zeros(self.refs_max, np.int32),
+                num_targets=np.int32(0),
+            )
+        return row
+
+
+def _pad_stack(masks: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
+    out = np.zeros((n, *masks.shape[1:]), np.uint8)
+    k = min(n, len(masks))
+    out[:k] = masks[:k]
+    valid = np.zeros(n, np.int32)
+    valid[:k] = 1
+    return out, valid
+
+
+class Finalize(grain.transforms.Map):
+    """Fixed-shape output row of the task; sentinels become blank rows (``valid=0``; a bad record
+    counts 1 in ``_skipped``) unless ``keep_bad``, where BAD/DROP sentinels are passed on."""
+
+    def __init__(self, shapes: Shapes, keep_bad: bool):
+        self.shapes, self.keep_bad = shapes, keep_bad
+
+    def map(self, x: Any) -> Any:
+        sh = self.shapes
+        row = sh.blank()
+        if is_sentinel(x):
+            if self.keep_bad and (BAD in x or DROP in x):
+                return x
+            row["expr_index"] = np.int32(-1 if PAD in x else x["expr_index"])
+            row[SKIPPED] = np.int32(1 if BAD in x else 0)
+            return row
+        row.update(
+            image=x["image"],
+            box=tf.box_to_target(x["box"], sh.size),
+            mask=x["mask"],
+            text_ids=x["text_ids"],
+            text_padding=x["text_padding"],
+            kind=np.int32(x["kind"]),
+            valid=np.int32(1),
+            expr_index=np.int32(x["expr_index"]),
+            letterbox=x["letterbox"],
+        )
+        if sh.task == "mrefm":
+            row.update(
+                image_raw=x["image_raw"],
+                mim_mask=x["mim_mask"],
+                mlm_ids=x["mlm_ids"],
+                mlm_mask=x["mlm_mask"],
+            )
+        if sh.task == "ras":
+            row["pool_masks"], row["pool_valid"] = _pad_stack(x["pool_masks"], sh.pool_max)
+            labels = (x["pool_ioa"][: sh.pool_max] >= POSITIVE_IOA).astype(np.int32)
+            row["pool_labels"][: len(labels)] = labels
+            row["ref_masks"], row["ref_valid"] = _pad_stack(x["ref_masks"], sh.refs_max)
+            row["num_targets"] = np.int32(x["num_targets"])
+        return row

@@ -1,0 +1,1 @@
+"""refjax.models."""

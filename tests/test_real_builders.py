@@ -1,0 +1,406 @@
+"""The RefCOCO/+/g, gRefCOCO and MaskGroups-HQ builders on exact-format fixture files."""
+
+from __future__ import annotations
+
+import json
+import pickle
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tensorflow_datasets as tfds
+from pycocotools.coco import COCO
+
+from refjax.boxes import mask_iou, mask_to_box, xywh_to_xyxy, xyxy_to_xywh
+from refjax.data.builders import coco_common as cc
+from refjax.data.builders import grefcoco, maskgroups_hq, refcoco
+from refjax.data.errors import BadRecordError
+from refjax.data.images import read_image_file
+from refjax.data.schema import EXPRESSIONS_PER_RECORD
+from tests.fixtures import real_formats as rf
+
+# pycocotools' own decode under numpy 2 (COCO.annToMask in the checks below)
+pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
+
+
+# ------------------------------------------------------------------------------- helpers
+def prepare(module, name: str, raw: Path, data_dir: Path, config=None, **kw):
+    b = module.builder_for(name, config, data_dir, raw, **kw)
+    b.download_and_prepare()
+    return b
+
+
+def records(builder, split: str, **kw) -> list[dict]:
+    src = builder.as_data_source(split, **kw)
+    return [src[i] for i in range(len(src))]
+
+
+def s(v) -> str:
+    return v.decode() if isinstance(v, bytes) else str(v)
+
+
+def expressions(rec: dict) -> list[dict]:
+    """Per-expression dicts with targets/refs resolved to object ids."""
+    ex, ids = rec["expressions"], list(rec["objects"]["id"])
+    out = []
+    for k in range(len(ex["id"])):
+        t0, tn = int(ex["target_start"][k]), int(ex["target_count"][k])
+        r0, rn = int(ex["ref_start"][k]), int(ex["ref_count"][k])
+        targets = [int(i) for i in rec["expr_targets"][t0 : t0 + tn]]
+        refs = [int(i) for i in rec["expr_refs"][r0 : r0 + rn]]
+        out.append({"id": s(ex["id"][k]), "text": s(ex["text"][k]), "kind": s(ex["kind"][k]),
+                    "targets": targets, "target_ids": [int(ids[i]) for i in targets],
+                    "refs": refs})
+    return out
+
+
+def masks(rec: dict, key: str = "objects") -> list[np.ndarray]:
+    return [np.asarray(m)[..., 0] for m in rec[key]["mask"]]
+
+
+def edit_json(path: Path, fn) -> None:
+    with open(path) as f:
+        data = json.load(f)
+    fn(data)
+    rf.write_json(path, data)
+
+
+def edit_instances(fx: rf.CocoFixture, ann_id: int, fn) -> None:
+    edit_json(fx.ann_dir / "instances.json",
+              lambda d: fn(next(a for a in d["annotations"] if a["id"] == ann_id)))
+
+
+def edit_refs(fx: rf.CocoFixture, fn) -> None:
+    path = fx.ann_dir / "refs(unc).p"
+    with open(path, "rb") as f:
+        refs = pickle.load(f)
+    fn(refs)
+    rf.write_refs_pickle(path, refs)
+
+
+def sentence(refs: list[dict], ref_id: int, sent_id: int) -> dict:
+    ref = next(r for r in refs if r["ref_id"] == ref_id)
+    return next(x for x in ref["sentences"] if x["sent_id"] == sent_id)
+
+
+def expected_by_split(refs: list[dict]) -> dict[str, dict[int, list[tuple[str, object]]]]:
+    """{split: {image_id: [(sent_id, ann_id(s))]}} in the builder's order."""
+    out: dict[str, dict[int, list]] = defaultdict(lambda: defaultdict(list))
+    for ref in sorted(refs, key=lambda r: r["ref_id"]):
+        for sent in ref["sentences"]:
+            out[ref["split"]][ref["image_id"]].append((str(sent["sent_id"]), ref["ann_id"]))
+    return out
+
+
+def check_coco_scene(rec: dict, fx: rf.CocoFixture, coco: COCO) -> None:
+    image_id = int(s(rec["image/id"]))
+    img = fx.images[image_id]
+    assert (int(rec["image/height"]), int(rec["image/width"])) == (img["height"], img["width"])
+    assert s(rec["image/filename"]) == img["file"]
+    np.testing.assert_array_equal(rec["image"], read_image_file(str(fx.image_path(image_id))))
+    assert np.abs(rec["image"].astype(int) - img["pixels"]).mean() < 15  # lossy JPEG of it
+    want = sorted(a for a, v in fx.anns.items() if v["image_id"] == image_id)
+    assert [int(i) for i in rec["objects"]["id"]] == want
+    for ann_id, box, cat, mask in zip(want, rec["objects"]["box"], rec["objects"]["category"],
+                                      masks(rec)):
+        ann = fx.anns[ann_id]
+        np.testing.assert_allclose(xywh_to_xyxy(np.asarray(box)),
+                                   xywh_to_xyxy(np.asarray(ann["bbox"])), atol=1e-5)
+        assert s(cat) == rf.CAT_NAMES[ann["category_id"]]
+        np.testing.assert_array_equal(mask, coco.annToMask(coco.anns[ann_id]))
+        iou = float(mask_iou(mask, ann["drawn"])[2])
+        assert iou > (0.999 if isinstance(ann["segmentation"], dict) else 0.8), (ann_id, iou)
+
+
+# ------------------------------------------------------------------------------- fixtures
+@pytest.fixture(scope="module")
+def refcoco_built(tmp_path_factory):
+    root = tmp_path_factory.mktemp("refcoco")
+    fx = rf.write_refcoco(root / "raw")
+    return fx, prepare(refcoco, "refcoco", fx.root, root / "data")
+
+
+@pytest.fixture(scope="module")
+def grefcoco_built(tmp_path_factory):
+    root = tmp_path_factory.mktemp("grefcoco")
+    fx = rf.write_grefcoco(root / "raw")
+    return fx, prepare(grefcoco, "grefcoco", fx.root, root / "data")
+
+
+@pytest.fixture(scope="module")
+def maskgroups_built(tmp_path_factory):
+    root = tmp_path_factory.mktemp("maskgroups")
+    fx = rf.write_maskgroups_hq(root / "raw")
+    return fx, prepare(maskgroups_hq, "maskgroups_hq", fx.root, root / "data")
+
+
+# ------------------------------------------------------------------------------- RefCOCO
+def test_refcoco_records(refcoco_built):
+    fx, b = refcoco_built
+    coco = COCO(str(fx.ann_dir / "instances.json"))
+    want = expected_by_split(fx.refs)
+    assert list(b.info.splits.keys()) == ["train", "val", "testA"]
+    for split, per_image in want.items():
+        recs = records(b, split)
+        ids = [int(s(r["image/id"])) for r in recs]
+        # one record per distinct image: no image stored twice
+        assert ids == sorted(per_image) and len(set(ids)) == len(ids)
+        per_record = [len(v) for v in per_image.values()]
+        assert b.info.metadata[EXPRESSIONS_PER_RECORD][split] == per_record
+        for rec in recs:
+            check_coco_scene(rec, fx, coco)
+            got = expressions(rec)
+            exp = per_image[int(s(rec["image/id"]))]
+            assert [(e["id"], e["target_ids"][0]) for e in got] == exp
+            assert all(e["kind"] == "refcoco" and len(e["targets"]) == 1 for e in got)
+            assert all(e["text"] == s(sentence(fx.refs, r["ref_id"], int(e["id"]))["sent"])
+                       for e in got for r in fx.refs if int(e["id"]) in r["sent_ids"])
+            assert len(rec["pool"]["mask"]) == 0 and len(rec["pool_ioa"]) == 0
+    assert b.info.metadata[cc.SKIPPED_BAD_RECORDS]["train"] == {
+        "records": 0, "objects": 0, "expressions": 0}
+    # the metadata survives a reload from the directory
+    again = tfds.builder_from_directory(b.data_dir)
+    assert again.info.metadata[EXPRESSIONS_PER_RECORD]["train"] == [3, 1]
+
+
+def test_refcoco_jpeg_stored_as_given(refcoco_built):
+    fx, b = refcoco_built
+    recs = records(b, "train", decoders={"image": tfds.decode.SkipDecoding()})
+    for rec in recs:
+        assert rec["image"] == fx.image_path(int(s(rec["image/id"]))).read_bytes()
+
+
+def test_refcoco_plus_layout_and_builder_for(tmp_path):
+    fx = rf.write_refcoco(tmp_path / "raw", dataset="refcoco+")
+    path = refcoco.build("refcoco+", None, tmp_path / "data", fx.root)
+    assert path == str(tmp_path / "data" / refcoco.tfds_name("refcoco+") / "unc" / "1.0.0")
+    b = tfds.builder_from_directory(path)
+    assert (b.name, b.builder_config.name) == ("refcoco_plus", "unc")
+    assert len(records(b, "train")) == 2
+    g = refcoco.builder_for("refcocog", None, tmp_path / "d", fx.root)
+    assert (g.name, g.builder_config.name) == ("refcocog", "umd")
+    assert refcoco.builder_for("refcoco", "google", tmp_path, None).builder_config.name == "google"
+    with pytest.raises(ValueError, match="unknown dataset"):
+        refcoco.builder_for("refclef", None, tmp_path, None)
+
+
+def _remove(path: Path) -> None:
+    path.unlink()
+
+
+REFCOCO_BAD = {
+    "missing_image": (lambda fx: _remove(fx.image_path(102)),
+                      "image:102", "image", "missing image file"),
+    "unreadable_image": (lambda fx: fx.image_path(103).write_bytes(b"not a jpeg"),
+                         "image:103", "image", "unreadable image"),
+    "box_outside": (lambda fx: edit_instances(fx, 1004, lambda a: a.update(bbox=[30, 8, 30, 42])),
+                    "ann:1004", "bbox", "outside"),
+    "zero_area_box": (lambda fx: edit_instances(fx, 1006, lambda a: a["bbox"].__setitem__(2, 0)),
+                      "ann:1006", "bbox", "zero-area"),
+    "empty_text": (lambda fx: edit_refs(fx, lambda r: sentence(r, 3, 13).update(sent="  ")),
+                   "ref:3/sent:13", "sentences.sent", "empty text"),
+    "no_sentences": (lambda fx: edit_refs(fx, lambda r: r[2].update(sentences=[])),
+                     "ref:3", "sentences", "no sentences"),
+    "mask_wrong_size": (
+        lambda fx: edit_instances(fx, 1002, lambda a: a["segmentation"].update(size=[24, 32])),
+        "ann:1002", "segmentation", "wrong size"),
+    "rle_string_bad": (
+        lambda fx: edit_instances(fx, 1007, lambda a: a["segmentation"].update(counts="PPPP")),
+        "ann:1007", "segmentation", "does not decode"),
+    "rle_counts_bad": (
+        lambda fx: edit_instances(fx, 1003, lambda a: a["segmentation"]["counts"].append(5)),
+        "ann:1003", "segmentation", "does not decode"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(REFCOCO_BAD))
+def test_refcoco_bad_input_names_record_and_field(tmp_path, case):
+    mutate, record_id, field, words = REFCOCO_BAD[case]
+    fx = rf.write_refcoco(tmp_path / "raw")
+    mutate(fx)
+    with pytest.raises(BadRecordError) as err:
+        prepare(refcoco, "refcoco", fx.root, tmp_path / "data")
+    assert (err.value.record_id, err.value.field) == (record_id, field)
+    assert record_id in str(err.value) and field in str(err.value) and words in str(err.value)
+
+
+def test_refcoco_skip_bad_records_counts(tmp_path):
+    fx = rf.write_refcoco(tmp_path / "raw")
+    _remove(fx.image_path(102))  # train record (1 expression)
+    edit_instances(fx, 1002, lambda a: a["bbox"].__setitem__(3, 0))  # object + ref 2 (1 expr)
+    edit_refs(fx, lambda r: sentence(r, 4, 15).update(sent=""))  # one val expression
+    b = prepare(refcoco, "refcoco", fx.root, tmp_path / "data", skip_bad_records=True)
+    skipped = b.info.metadata[cc.SKIPPED_BAD_RECORDS]
+    assert skipped["train"] == {"records": 1, "objects": 1, "expressions": 2}
+    assert skipped["val"] == {"records": 0, "objects": 0, "expressions": 1}
+    assert skipped["testA"] == {"records": 0, "objects": 0, "expressions": 0}
+    (train,) = records(b, "train")
+    assert [int(i) for i in train["objects"]["id"]] == [1001, 1003]
+    assert [(e["id"], e["target_ids"]) for e in expressions(train)] == [
+        ("10", [1001]), ("11", [1001])]
+    (val,) = records(b, "val")
+    assert [e["id"] for e in expressions(val)] == ["14"]
+    assert b.info.metadata[EXPRESSIONS_PER_RECORD] == {"train": [2], "val": [1], "testA": [2]}
+
+
+# ------------------------------------------------------------------------------ gRefCOCO
+def test_grefcoco_records(grefcoco_built):
+    fx, b = grefcoco_built
+    coco = COCO(str(fx.ann_dir / "instances.json"))
+    want = expected_by_split(fx.refs)
+    for split, per_image in want.items():
+        recs = records(b, split)
+        assert [int(s(r["image/id"])) for r in recs] == sorted(per_image)
+        per_record = [len(v) for v in per_image.values()]
+        assert b.info.metadata[EXPRESSIONS_PER_RECORD][split] == per_record
+        for rec in recs:
+            check_coco_scene(rec, fx, coco)
+            got = expressions(rec)
+            exp = per_image[int(s(rec["image/id"]))]
+            assert [e["id"] for e in got] == [sid for sid, _ in exp]
+            for e, (_, ann_ids) in zip(got, exp):
+                assert e["kind"] == "gres"
+                assert e["target_ids"] == ([] if ann_ids == [-1] else ann_ids)
+    kinds = {len(e["targets"]) for r in records(b, "train") for e in expressions(r)}
+    assert kinds == {0, 1, 2}  # no-target, single and multi-target
+
+
+def test_grefcoco_bad_input_and_skip(tmp_path):
+    fx = rf.write_grefcoco(tmp_path / "raw")
+    grefs = fx.root / "grefs(unc).json"
+    edit_json(grefs, lambda refs: refs[2].update(no_target=True))  # ref 3: ann_id [1005]
+    with pytest.raises(BadRecordError) as err:
+        prepare(grefcoco, "grefcoco", fx.root, tmp_path / "data")
+    assert (err.value.record_id, err.value.field) == ("ref:3", "ann_id")
+    assert "no_target" in str(err.value)
+
+    edit_json(grefs, lambda refs: refs[2].update(no_target=False))
+    edit_json(grefs, lambda refs: refs[3]["sentences"][1].update(sent=""))  # ref 4, sent 24
+    with pytest.raises(BadRecordError) as err:
+        prepare(grefcoco, "grefcoco", fx.root, tmp_path / "data2")
+    assert (err.value.record_id, err.value.field) == ("ref:4/sent:24", "sentences.sent")
+
+    edit_json(grefs, lambda refs: refs[2].update(no_target=True))
+    b = prepare(grefcoco, "grefcoco", fx.root, tmp_path / "data3", skip_bad_records=True)
+    assert b.info.metadata[cc.SKIPPED_BAD_RECORDS] == {
+        "train": {"records": 0, "objects": 0, "expressions": 1},
+        "val": {"records": 0, "objects": 0, "expressions": 1},
+    }
+    assert [int(s(r["image/id"])) for r in records(b, "train")] == [101]  # 102 lost its ref
+    assert [e["id"] for e in expressions(records(b, "val")[0])] == ["23", "25"]
+
+
+# ------------------------------------------------------------------------- MaskGroups-HQ
+def test_maskgroups_records(maskgroups_built):
+    fx, b = maskgroups_built
+    train = records(b, "train")
+    # mg-1 and mg-2 share image and pools: one record, the image stored once
+    assert [s(r["image/filename"]) for r in train] == ["m1.jpg", "m2.jpg"]
+    assert b.info.metadata[EXPRESSIONS_PER_RECORD] == {"train": [2, 2], "eval": [1]}
+    samples = {x["id"]: x for split in fx.splits.values() for x in split}
+    by_expr = {}
+    for rec in train + records(b, "eval"):
+        image = fx.images[s(rec["image/filename"])]
+        assert np.abs(rec["image"].astype(int) - image).mean() < 15
+        for e in expressions(rec):
+            by_expr[e["id"]] = (rec, e)
+    assert sorted(by_expr) == ["mg-1:0", "mg-2:0", "mg-3:0", "mg-3:1", "mg-4:0"]
+    for eid, (rec, e) in by_expr.items():
+        sid, turn = eid.split(":")
+        sample, gt, pool = samples[sid], fx.gt[sid], fx.pool[sid]
+        obj_masks, pool_masks = masks(rec), masks(rec, "pool")
+        assert len(obj_masks) == len(gt) and len(pool_masks) == len(pool)
+        for m, drawn, box in zip(obj_masks, gt, rec["objects"]["box"]):
+            np.testing.assert_array_equal(m, drawn)
+            np.testing.assert_array_equal(box, xyxy_to_xywh(mask_to_box(drawn)))
+        for m, drawn in zip(pool_masks, pool):
+            np.testing.assert_array_equal(m, drawn)
+        assert [s(x) for x in rec["pool"]["source"]] == ["sam"] * len(pool)
+        group = sample["gt_mask_group"][int(turn)]
+        assert e["targets"] == group  # indices into gt_mask_pool (= objects), not mask_pool
+        assert e["refs"] == (sample.get("ref_mask_indices") or [[]] * 9)[int(turn)]
+        assert e["kind"] == ("ores_ref" if e["refs"] else "ores")
+        assert "<image>" not in e["text"] and "<mask_pool>" not in e["text"]
+        union = np.zeros_like(gt[0], bool)
+        for i in group:
+            union |= gt[i].astype(bool)
+        want = [(p.astype(bool) & union).sum() / p.sum() for p in pool]
+        k = [s(x) for x in rec["expressions"]["id"]].index(eid)
+        ioa = np.asarray(rec["pool_ioa"], np.float32).reshape(-1, len(pool))[k]
+        np.testing.assert_allclose(ioa, want, atol=1e-6)
+    _, e = by_expr["mg-1:0"]
+    ioa_rec = by_expr["mg-1:0"][0]
+    assert e["text"] == "Select all red squares."
+    labels = np.asarray(ioa_rec["pool_ioa"]).reshape(2, -1)[0] >= 0.5
+    assert labels.tolist() == [False, True, True, False, True]
+    assert by_expr["mg-2:0"][1]["text"] == "All squares left of <mask-ref>."
+
+
+MG_BAD = {
+    "gt_wrong_size": (
+        lambda d: d["train"][2]["gt_mask_pool"].__setitem__(1, rf.rle_compressed(np.ones((9, 9)))),
+        "mg-3", "gt_mask_pool[1]", "wrong size"),
+    "pool_undecodable": (lambda d: d["train"][2]["mask_pool"][0].update(counts="PPPP"),
+                         "mg-3", "mask_pool[0]", "does not decode"),
+    "mask_ref_without_refs": (lambda d: d["train"][1].pop("ref_mask_indices"),
+                              "mg-2", "ref_mask_indices", "<mask-ref>"),
+    "empty_query": (lambda d: d["train"][0]["conversations"][0].update(
+        value="<image>\n<mask_pool>\n "), "mg-1", "conversations[0].value", "empty text"),
+}
+
+
+def _edit_mg(fx: rf.MaskGroupsFixture, fn) -> None:
+    data = {split: json.loads((fx.root / f"{split}.json").read_text()) for split in fx.splits}
+    fn(data)
+    for split, samples in data.items():
+        rf.write_json(fx.root / f"{split}.json", samples)
+
+
+@pytest.mark.parametrize("case", sorted(MG_BAD))
+def test_maskgroups_bad_input_names_record_and_field(tmp_path, case):
+    mutate, record_id, field, words = MG_BAD[case]
+    fx = rf.write_maskgroups_hq(tmp_path / "raw")
+    _edit_mg(fx, mutate)
+    with pytest.raises(BadRecordError) as err:
+        prepare(maskgroups_hq, "maskgroups_hq", fx.root, tmp_path / "data")
+    assert (err.value.record_id, err.value.field) == (record_id, field)
+    assert record_id in str(err.value) and words in str(err.value)
+
+
+def test_maskgroups_missing_image_and_skip(tmp_path):
+    fx = rf.write_maskgroups_hq(tmp_path / "raw")
+    (fx.root / "images" / "m1.jpg").unlink()
+    with pytest.raises(BadRecordError, match="missing image file") as err:
+        prepare(maskgroups_hq, "maskgroups_hq", fx.root, tmp_path / "data")
+    assert (err.value.record_id, err.value.field) == ("mg-1", "image")
+
+    fx = rf.write_maskgroups_hq(tmp_path / "raw2")
+    _edit_mg(fx, lambda d: (MG_BAD["mask_ref_without_refs"][0](d), MG_BAD["gt_wrong_size"][0](d)))
+    b = prepare(maskgroups_hq, "maskgroups_hq", fx.root, tmp_path / "data2", skip_bad_records=True)
+    assert b.info.metadata[cc.SKIPPED_BAD_RECORDS] == {
+        "train": {"records": 1, "objects": 0, "expressions": 3},
+        "eval": {"records": 0, "objects": 0, "expressions": 0},
+    }
+    (rec,) = records(b, "train")
+    assert [e["id"] for e in expressions(rec)] == ["mg-1:0"]
+    assert b.info.metadata[EXPRESSIONS_PER_RECORD] == {"train": [1], "eval": [1]}
+
+
+def test_maskgroups_builder_for_rejects_config(tmp_path):
+    with pytest.raises(ValueError, match="no configs"):
+        maskgroups_hq.builder_for("maskgroups_hq", "x", tmp_path, None)
+
+
+# ------------------------------------------------------------------------------ helpers
+def test_rle_string_parser_matches_pycocotools():
+    from pycocotools import mask as mask_utils
+
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        h, w = rng.integers(1, 30, 2)
+        m = (rng.random((h, w)) < rng.random()).astype(np.uint8)
+        counts = mask_utils.encode(np.asfortranarray(m))["counts"]
+        assert cc.rle_string_counts(counts) == rf.rle_uncompressed(m)["counts"]
+        np.testing.assert_array_equal(
+            cc.decode_rle({"size": [int(h), int(w)], "counts": counts.decode()}, h, w, "r", "f"), m)
