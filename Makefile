@@ -34,7 +34,7 @@ test: $(VENV)/.dev-installed
 	REFJAX_REQUIRE_TORCH=$(WITH_TORCH) $(VENV)/bin/python -m pytest -q tests $(PYTEST_ARGS)
 
 lint: $(VENV)/.dev-installed
-	$(VENV)/bin/ruff check refjax tests benchmarks experiments configs
+	$(VENV)/bin/ruff check .
 
 clean:
 	rm -rf $(VENV) .venv312

@@ -75,29 +75,61 @@ def _bench(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    """The README's main job (until the trainer lands: RefShapes build + encoder benchmark)."""
-    from refjax.data.build import ensure_refshapes
+    """The README's main job: train OneRef (box + mask) on RefShapes, evaluate, report."""
+    from refjax import demo
 
-    data_dir = os.path.join(args.workdir, "data")
-    path = ensure_refshapes(data_dir, args.data_config)
-    print(f"RefShapes ({args.data_config}) ready at {path}")
-    from refjax.data.sources import open_scenes
-
-    for split in ("train", "val", "testA", "testB"):
-        src = open_scenes("refshapes", split, data_dir, args.data_config)
-        print(f"  {split}: {len(src)} scenes, {len(src.expression_index())} expressions")
-    print("encoder benchmark (refjax vs torchscale where torch is installed):")
-    bench = _bench_args(args.workdir)
-    return _bench(argparse.Namespace(rest=bench))
+    demo.run(args.workdir, args.data_config, args.set)
+    return 0
 
 
-def _bench_args(workdir: str) -> list[str]:
-    args = ["--rounds", "2", "--iters", "2", "--json", os.path.join(workdir, "encoder_bench.json")]
-    try:
-        import torchscale  # noqa: F401
-    except ImportError:
-        args.append("--jax-only")
-    return args
+def _predict(args: argparse.Namespace) -> int:
+    import numpy as np
+    from PIL import Image
+
+    from refjax.predict import Predictor
+
+    with Image.open(args.image) as im:
+        image = np.asarray(im.convert("RGB"))
+    predictor = Predictor.from_workdir(args.workdir, step=args.step)
+    pred = predictor.predict(image, args.text)
+    box = ", ".join(f"{v:.1f}" for v in pred["box_xyxy"])
+    print(f"box_xyxy=[{box}] score={pred['score']:.3f}")
+    if pred["mask"] is not None:
+        print(f"mask: {int(pred['mask'].sum())} of {pred['mask'].size} pixels")
+    if args.out:
+        predictor.draw(image, pred, args.text).save(args.out)
+        print(f"wrote {args.out}")
+    return 0
+
+
+def _load_config(args: argparse.Namespace):
+    from refjax.train.config import apply_overrides, load_config
+
+    config = load_config(args.config)
+    apply_overrides(config, args.set or [])
+    return config
+
+
+def _train(args: argparse.Namespace) -> int:
+    import json
+
+    from refjax.train.trainer import train
+
+    result = train(_load_config(args), args.workdir)
+    print(json.dumps(result, indent=2, sort_keys=True))
+    return 0
+
+
+def _eval(args: argparse.Namespace) -> int:
+    import json
+
+    from refjax.train.trainer import evaluate
+
+    config = _load_config(args) if args.config else None
+    splits = [s for s in args.splits.split(",") if s] if args.splits else None
+    result = evaluate(config, args.workdir, splits, args.step)
+    print(json.dumps(result, indent=2, sort_keys=True))
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -132,10 +164,34 @@ def main(argv: list[str] | None = None) -> int:
     bn.add_argument("rest", nargs=argparse.REMAINDER)
     bn.set_defaults(fn=_bench)
 
-    d = sub.add_parser("demo", help="the README's main job on RefShapes")
+    d = sub.add_parser("demo", help="the README's main job: train and evaluate on RefShapes")
     d.add_argument("--workdir", default="runs/demo")
-    d.add_argument("--data-config", default="default")
+    d.add_argument("--data-config", default="default", help="RefShapes config: default | tiny")
+    d.add_argument("--set", action="append", default=[],
+                   help="config override key=value (repeatable), e.g. train.total_steps=200")
     d.set_defaults(fn=_demo)
+
+    pr = sub.add_parser("predict", help="box (and mask) for an image and a referring expression")
+    pr.add_argument("--workdir", required=True, help="a training run directory")
+    pr.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
+    pr.add_argument("--image", required=True)
+    pr.add_argument("--text", required=True)
+    pr.add_argument("--out", default=None, help="write the drawn prediction here (.png)")
+    pr.set_defaults(fn=_predict)
+
+    t = sub.add_parser("train", help="train OneRef REC/RES (resumes from the workdir)")
+    t.add_argument("--config", required=True, help="configs/oneref/rec_res.py:tiny[,task=res]")
+    t.add_argument("--workdir", required=True)
+    t.add_argument("--set", action="append", metavar="KEY=VALUE", help="config override")
+    t.set_defaults(fn=_train)
+
+    e = sub.add_parser("eval", help="evaluate a train workdir's checkpoint")
+    e.add_argument("--config", default=None, help="default: the workdir's config.json")
+    e.add_argument("--workdir", required=True)
+    e.add_argument("--splits", default=None, help="comma list (default: config eval.splits)")
+    e.add_argument("--step", type=int, default=None, help="default: best, else latest")
+    e.add_argument("--set", action="append", metavar="KEY=VALUE", help="config override")
+    e.set_defaults(fn=_eval)
 
     args = p.parse_args(argv)
     return args.fn(args)
