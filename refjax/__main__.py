@@ -137,6 +137,8 @@ def main(argv: list[str] | None = None) -> int:
 
     flags.FLAGS.mark_as_parsed()  # grain worker processes read absl flags
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    for noisy in ("absl", "orbax", "jax", "tensorflow_datasets", "grain"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)  # keep refjax's own INFO readable
     p = argparse.ArgumentParser(prog="refjax", description=__doc__)
     sub = p.add_subparsers(dest="cmd", required=True)
 
