@@ -324,3 +324,23 @@ def test_oneref_composes_beit3_and_heads():
     )
     for k in want:
         np.testing.assert_allclose(got[k], want[k], atol=1e-6, rtol=1e-6, err_msg=k)
+
+
+def test_sim_scale_scales_logits_and_sharpens_pooling():
+    """sim_scale=1 is OneRef; s>1 multiplies sim and seg logits by s (same parameters)."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from refjax.models.oneref import OneRefHeads
+
+    rng = np.random.default_rng(0)
+    enc = jnp.asarray(rng.standard_normal((2, 17 + 5, 32)), jnp.float32)
+    base = OneRefHeads(32, use_seg_head=True)
+    variables = base.init(jax.random.key(0), enc, 17)
+    out1, _ = base.apply(variables, enc, 17)
+    out4, _ = OneRefHeads(32, use_seg_head=True, sim_scale=4.0).apply(variables, enc, 17)
+    np.testing.assert_allclose(np.asarray(out4["sim"]), 4.0 * np.asarray(out1["sim"]), rtol=1e-6)
+    np.testing.assert_allclose(np.asarray(out4["seg_logits"]),
+                               4.0 * np.asarray(out1["seg_logits"]), rtol=1e-5, atol=1e-6)
+    assert np.abs(np.asarray(out4["box"]) - np.asarray(out1["box"])).max() > 1e-6

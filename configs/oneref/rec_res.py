@@ -74,6 +74,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         drop_path_rate=0.0 if tiny else 0.1,
         attention_impl=None,
         use_seg_head=res,
+        sim_scale=1.0,  # 1.0 = OneRef; >1 sharpens the cosine pooling (from-scratch training)
     )
 
     # Data: the fields refjax.data.pipeline.make_pipeline reads (batch sizes are global).

@@ -193,9 +193,14 @@ def _heads_forward(
     deterministic: bool,
     dtype: Dtype,
     param_dtype: Dtype,
+    sim_scale: float = 1.0,
 ) -> tuple[dict[str, Array], dict[str, Array]]:
     """Spec 2.1-2.3. Must be called inside ``mod``'s compact method; creates the head
-    submodules directly under ``mod`` (so OneRef keeps the PyTorch top-level names)."""
+    submodules directly under ``mod`` (so OneRef keeps the PyTorch top-level names).
+
+    ``sim_scale`` multiplies the cosines used as pooling weights and as box-mask / segmentation
+    logits; 1.0 is OneRef (parity). A larger scale (an inverse temperature) sharpens the pooling,
+    an option for training from scratch, where the cosines' [-1, 1] range is very flat."""
     dim = encoder_out.shape[-1]
     num_patches = vision_len - 1
     grid = math.isqrt(num_patches)
@@ -212,7 +217,7 @@ def _heads_forward(
     vc = l2n(_dense(dim, dim, name="vision_head", use_bias=False, kernel_init=trunc, **kw)(v))
     tc = l2n(_dense(dim, dim, name="language_head", use_bias=False, kernel_init=trunc, **kw)(tf))
     v_cls, v_i, t_cls = vc[:, 0], vc[:, 1:], tc[:, 0]
-    sim = jnp.einsum("bd,bpd->bp", t_cls, v_i, precision=HIGHEST)
+    sim = jnp.einsum("bd,bpd->bp", t_cls, v_i, precision=HIGHEST) * sim_scale
 
     src = _dense(dim, dim, name="visu_proj", **kw)(v)[:, 1:].astype(jnp.float32)
     weights = jax.nn.softmax(sim, axis=-1)
@@ -237,7 +242,8 @@ def _heads_forward(
             feat = BatchNorm(use_running_average=deterministic, name=f"bn{k}", **kw)(feat)
             if k < 3:
                 feat = nn.relu(feat)
-        outputs["seg_logits"] = jnp.einsum("bd,bhwd->bhw", t_cls, l2n(feat), precision=HIGHEST)
+        cos = jnp.einsum("bd,bhwd->bhw", t_cls, l2n(feat), precision=HIGHEST)
+        outputs["seg_logits"] = cos * sim_scale
     aux = {"logit_scale": logit_scale.astype(jnp.float32), "vision_len": vision_len}
     return outputs, aux
 
@@ -256,6 +262,7 @@ class OneRefHeads(nn.Module):
     use_seg_head: bool = False
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    sim_scale: float = 1.0
 
     @nn.compact
     def __call__(
@@ -271,6 +278,7 @@ class OneRefHeads(nn.Module):
             deterministic=deterministic,
             dtype=self.dtype,
             param_dtype=self.param_dtype,
+            sim_scale=self.sim_scale,
         )
 
 
@@ -285,6 +293,7 @@ class OneRef(nn.Module):
     use_seg_head: bool = False
     dtype: Dtype | None = None
     param_dtype: Dtype = jnp.float32
+    sim_scale: float = 1.0  # 1.0 = OneRef; see _heads_forward
 
     @nn.compact
     def __call__(
@@ -313,6 +322,7 @@ class OneRef(nn.Module):
             deterministic=deterministic,
             dtype=self.dtype or getattr(self.backbone_config, "compute_dtype", jnp.float32),
             param_dtype=self.param_dtype,
+            sim_scale=self.sim_scale,
         )
         return outputs, {**aux, **head_aux}
 

@@ -52,7 +52,11 @@ def backbone_config(model_cfg: Mapping[str, Any]) -> BEiT3Config:
 
 def build_model(config: Any) -> OneRef:
     """``OneRef`` from ``config.model`` (``use_seg_head`` for RES)."""
-    return OneRef(backbone_config(config.model), use_seg_head=bool(config.model.use_seg_head))
+    return OneRef(
+        backbone_config(config.model),
+        use_seg_head=bool(config.model.use_seg_head),
+        sim_scale=float(config.model.get("sim_scale", 1.0)),
+    )
 
 
 def model_inputs(batch: Mapping[str, Any]) -> tuple[Any, Any, Any]:
