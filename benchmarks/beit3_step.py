@@ -5,6 +5,11 @@ throughput ratio refjax/torchscale, and (with --jax-only on a GPU) the model FLO
 
   python benchmarks/beit3_step.py                      # CPU, base width, 4 layers, 224 px
   python benchmarks/beit3_step.py --jax-only --depth 12 --dtype bfloat16 --batch 64  # GPU MFU
+
+FLOPs are counted analytically (XLA's cost analysis counts a scanned layer body once). On CPU
+the run also measures the single-matmul (sgemm) peak of both frameworks at the step's FFN
+shape and prints the roofline: the highest ratio refjax could reach if its whole step ran at
+its sgemm peak while torchscale kept its measured time.
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ import time
 def _set_threads(n: int) -> None:
     os.environ.setdefault(
         "XLA_FLAGS",
-        f"--xla_cpu_multi_thread_eigen=true intra_op_parallelism_threads={n}",
+        "--xla_cpu_multi_thread_eigen=true",  # XLA:CPU uses every core; torch gets n threads
     )
 
 
@@ -34,7 +39,7 @@ def _jax_step(args):
     from refjax.models.beit3 import BEiT3, beit3_config
 
     cfg = beit3_config("base", depth=args.depth, img_size=args.img, dtype=args.dtype,
-                       remat_policy=args.remat, scan=True)
+                       remat_policy=args.remat, scan=args.scan)
     model = BEiT3(cfg)
     rng = np.random.default_rng(0)
     ids = jnp.asarray(rng.integers(0, cfg.vocab_size, (args.batch, args.text)), jnp.int32)
@@ -48,10 +53,7 @@ def _jax_step(args):
 
     step = jax.jit(jax.value_and_grad(loss_fn))
     compiled = step.lower(params).compile()
-    cost = compiled.cost_analysis()
-    if isinstance(cost, list):
-        cost = cost[0]
-    flops = float(cost.get("flops", 0.0)) if cost else 0.0
+    flops = step_flops(args)
 
     def run():
         loss, grads = compiled(params)
@@ -88,6 +90,49 @@ def _torch_step(args):
     return run
 
 
+def step_flops(args) -> float:
+    """Matmul FLOPs of one forward+backward step (backward = 2x forward; the patch embedding
+    needs no input gradient). Elementwise work is not counted."""
+    d, f, n_img = 768, 3072, (args.img // 16) ** 2
+    tokens = n_img + 1 + args.text
+    per_layer = 2 * tokens * (4 * d * d + 2 * d * f) + 2 * 2 * tokens * tokens * d
+    patch = 2 * n_img * (16 * 16 * 3) * d
+    return float(args.batch * (3 * args.depth * per_layer + 2 * patch))
+
+
+def sgemm_peak(threads: int, with_torch: bool) -> dict[str, float]:
+    """Best-of-10 GFLOP/s of one (1832 x 768) @ (768 x 3072) float32 matmul per framework."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    m, k, n = 1832, 768, 3072
+    out = {}
+    a = jnp.asarray(np.random.default_rng(0).standard_normal((m, k)), jnp.float32)
+    b = jnp.asarray(np.random.default_rng(1).standard_normal((k, n)), jnp.float32)
+    mm = jax.jit(jnp.matmul)
+    mm(a, b).block_until_ready()
+    ts = []
+    for _ in range(10):
+        t0 = time.perf_counter()
+        mm(a, b).block_until_ready()
+        ts.append(time.perf_counter() - t0)
+    out["refjax_sgemm_gflops"] = 2 * m * k * n / min(ts) / 1e9
+    if with_torch:
+        import torch
+
+        torch.set_num_threads(threads)
+        ta, tb = torch.from_numpy(np.asarray(a)), torch.from_numpy(np.asarray(b))
+        ta @ tb
+        ts = []
+        for _ in range(10):
+            t0 = time.perf_counter()
+            ta @ tb
+            ts.append(time.perf_counter() - t0)
+        out["torch_sgemm_gflops"] = 2 * m * k * n / min(ts) / 1e9
+    return out
+
+
 PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
 
 
@@ -102,6 +147,8 @@ def main() -> int:
     p.add_argument("--iters", type=int, default=3, help="steps per framework per round")
     p.add_argument("--dtype", default="float32")
     p.add_argument("--remat", default="none")
+    p.add_argument("--scan", action=argparse.BooleanOptionalAction, default=False,
+                   help="nn.scan the layers (default: unrolled, faster on XLA:CPU)")
     p.add_argument("--jax-only", action="store_true")
     p.add_argument("--json", default=None, help="write the results here")
     args = p.parse_args()
@@ -132,10 +179,18 @@ def main() -> int:
         or platform.machine(), "refjax_step_s": statistics.median(jt),
         "refjax_examples_per_s": args.batch / statistics.median(jt), "step_flops": flops,
     }
+    res["refjax_step_gflops"] = flops / statistics.median(jt) / 1e9
     if tt:
         res["torchscale_step_s"] = statistics.median(tt)
         res["torchscale_examples_per_s"] = args.batch / statistics.median(tt)
+        res["torchscale_step_gflops"] = flops / statistics.median(tt) / 1e9
         res["throughput_ratio"] = statistics.median(tt) / statistics.median(jt)
+    if platform_name == "cpu":
+        res.update(sgemm_peak(args.threads, with_torch=bool(tt)))
+        if tt:
+            # refjax at its sgemm peak for every FLOP of the step vs torchscale as measured
+            res["roofline_max_ratio"] = (res["refjax_sgemm_gflops"] * 1e9 * statistics.median(tt)
+                                         / flops)
     if platform_name == "gpu":
         import jax
 

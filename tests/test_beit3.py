@@ -165,3 +165,25 @@ def test_bf16_compute_keeps_float32_params():
     assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(v))
     out, _ = model.apply(v, jnp.zeros((1, 3), jnp.int32), None, jnp.zeros((1, 32, 32, 3)))
     assert np.isfinite(np.asarray(out, np.float32)).all()
+
+
+def test_einsum_attention_equals_dot_product_attention():
+    """The CPU attention path (heads-major einsums) computes what jax.nn.dot_product_attention
+    computes, with padded keys masked; ``None`` resolves to it on CPU; bad names are refused."""
+    from refjax.models.layers import attention
+
+    rng = np.random.default_rng(0)
+    q, k, v = (jnp.asarray(rng.standard_normal((2, 7, 3, 8)), jnp.float32) for _ in range(3))
+    pad = jnp.asarray([[0] * 7, [0] * 4 + [1] * 3], jnp.int32)
+    ref = attention(q, k, v, pad, scale=0.3, implementation="xla")
+    ein = attention(q, k, v, pad, scale=0.3, implementation="einsum")
+    np.testing.assert_allclose(np.asarray(ein), np.asarray(ref), atol=1e-6)
+    auto = attention(q, k, v, pad, scale=0.3)
+    np.testing.assert_array_equal(np.asarray(auto), np.asarray(ein))
+    # a padded key gets no weight: changing it leaves the output unchanged
+    v2 = v.at[1, 5].set(100.0)
+    np.testing.assert_allclose(
+        np.asarray(attention(q, k, v2, pad, scale=0.3, implementation="einsum")),
+        np.asarray(ein), atol=1e-6)
+    with pytest.raises(ValueError, match="unknown attention implementation"):
+        attention(q, k, v, pad, scale=0.3, implementation="flash")

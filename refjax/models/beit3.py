@@ -60,7 +60,7 @@ class BEiT3Config:
     dtype: str = "float32"  # compute dtype; parameters are always float32
     scan: bool = True
     remat_policy: str = "none"
-    attention_impl: str | None = None  # None = XLA/cuDNN auto, "xla", "cudnn"
+    attention_impl: str | None = None  # None: einsum on CPU, else XLA/cuDNN auto; see attention
 
     def __post_init__(self):
         if self.dim % self.heads:

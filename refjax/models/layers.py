@@ -120,6 +120,9 @@ def multiway(
     return jnp.concatenate([a(x[:, :split]), b(x[:, split:])], axis=1)
 
 
+ATTENTION_IMPLS = (None, "xla", "cudnn", "einsum")
+
+
 def attention(
     q: jax.Array,
     k: jax.Array,
@@ -131,15 +134,35 @@ def attention(
 ) -> jax.Array:
     """Multi-head attention over (B, T, H, Dh) inputs with a key padding mask (True = pad).
 
-    Goes through ``jax.nn.dot_product_attention`` (softmax in float32; the cuDNN fused kernel
-    on GPU where shapes and dtypes allow).
+    ``implementation``: ``"xla"`` / ``"cudnn"`` go through ``jax.nn.dot_product_attention``
+    (the fused cuDNN kernel on GPU where shapes and dtypes allow); ``"einsum"`` is the same
+    computation written as two heads-major einsums around a float32 softmax, which XLA:CPU
+    runs faster (BENCHMARKS.md). ``None`` picks ``"einsum"`` on CPU and
+    ``jax.nn.dot_product_attention``'s own choice elsewhere.
     """
+    if implementation not in ATTENTION_IMPLS:
+        raise ValueError(f"unknown attention implementation {implementation!r}; "
+                         f"one of {ATTENTION_IMPLS}")
+    if implementation is None and jax.default_backend() == "cpu":
+        implementation = "einsum"
+    if implementation == "einsum":
+        return _einsum_attention(q, k, v, key_padding, scale)
     mask = None
     if key_padding is not None:
         mask = jnp.logical_not(key_padding.astype(bool))[:, None, None, :]
     return jax.nn.dot_product_attention(
         q, k, v, mask=mask, scale=scale, implementation=implementation
     )
+
+
+def _einsum_attention(q, k, v, key_padding, scale: float) -> jax.Array:
+    """softmax(q k^T * scale) v with padded keys masked, softmax in float32."""
+    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32) * scale
+    if key_padding is not None:
+        pad = key_padding.astype(bool)[:, None, None, :]
+        logits = jnp.where(pad, jnp.finfo(jnp.float32).min, logits)
+    probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+    return jnp.einsum("bhqk,bkhd->bqhd", probs, v)
 
 
 def _cubic_weight(t: np.ndarray, a: float) -> list[np.ndarray]:
