@@ -23,11 +23,19 @@ import sys
 import time
 
 
-def _set_threads(n: int) -> None:
-    os.environ.setdefault(
-        "XLA_FLAGS",
-        "--xla_cpu_multi_thread_eigen=true",  # XLA:CPU uses every core; torch gets n threads
-    )
+def _set_xla_flags() -> None:
+    """XLA:CPU runs on every core (its default); ``--threads`` sets torch's thread count."""
+    os.environ.setdefault("XLA_FLAGS", "--xla_cpu_multi_thread_eigen=true")
+
+
+def _best_seconds(fn, n: int = 10) -> float:
+    """Fastest of ``n`` timed calls of ``fn()`` (which must block until its result is ready)."""
+    ts = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        fn()
+        ts.append(time.perf_counter() - t0)
+    return min(ts)
 
 
 def _jax_step(args):
@@ -85,7 +93,7 @@ def _torch_step(args):
         out = model(textual_tokens=ids, visual_tokens=img, text_padding_position=pad)
         loss = out["encoder_out"].square().mean()
         loss.backward()
-        return float(loss)
+        return float(loss.detach())
 
     return run
 
@@ -112,24 +120,15 @@ def sgemm_peak(threads: int, with_torch: bool) -> dict[str, float]:
     b = jnp.asarray(np.random.default_rng(1).standard_normal((k, n)), jnp.float32)
     mm = jax.jit(jnp.matmul)
     mm(a, b).block_until_ready()
-    ts = []
-    for _ in range(10):
-        t0 = time.perf_counter()
-        mm(a, b).block_until_ready()
-        ts.append(time.perf_counter() - t0)
-    out["refjax_sgemm_gflops"] = 2 * m * k * n / min(ts) / 1e9
+    out["refjax_sgemm_gflops"] = 2 * m * k * n / _best_seconds(
+        lambda: mm(a, b).block_until_ready()) / 1e9
     if with_torch:
         import torch
 
         torch.set_num_threads(threads)
-        ta, tb = torch.from_numpy(np.asarray(a)), torch.from_numpy(np.asarray(b))
+        ta, tb = torch.from_numpy(np.array(a)), torch.from_numpy(np.array(b))
         ta @ tb
-        ts = []
-        for _ in range(10):
-            t0 = time.perf_counter()
-            ta @ tb
-            ts.append(time.perf_counter() - t0)
-        out["torch_sgemm_gflops"] = 2 * m * k * n / min(ts) / 1e9
+        out["torch_sgemm_gflops"] = 2 * m * k * n / _best_seconds(lambda: ta @ tb) / 1e9
     return out
 
 
@@ -152,7 +151,7 @@ def main() -> int:
     p.add_argument("--jax-only", action="store_true")
     p.add_argument("--json", default=None, help="write the results here")
     args = p.parse_args()
-    _set_threads(args.threads)
+    _set_xla_flags()
 
     jax_run, flops, platform_name = _jax_step(args)
     jax_run()  # warm-up (compiled already; first run allocates)

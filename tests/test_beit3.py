@@ -155,6 +155,8 @@ def test_any_image_size_and_bad_inputs():
         model.apply(v, image=jnp.zeros((1, 40, 32, 3)))
     with pytest.raises(ValueError, match="needs text_ids, image"):
         model.apply(v)
+    with pytest.raises(ValueError, match="unknown attention_impl 'flash'"):
+        beit3_config("tiny", attention_impl="flash")
 
 
 def test_bf16_compute_keeps_float32_params():

@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from refjax.models.layers import (
+    ATTENTION_IMPLS,
     LayerNorm,
     attention,
     dense,
@@ -67,6 +68,9 @@ class BEiT3Config:
             raise ValueError(f"dim {self.dim} is not divisible by heads {self.heads}")
         if self.img_size % self.patch_size:
             raise ValueError(f"img_size {self.img_size} not divisible by patch {self.patch_size}")
+        if self.attention_impl not in ATTENTION_IMPLS:
+            raise ValueError(f"unknown attention_impl {self.attention_impl!r}; "
+                             f"one of {ATTENTION_IMPLS}")
         if self.remat_policy not in REMAT_POLICIES:
             raise ValueError(
                 f"unknown remat_policy {self.remat_policy!r}; one of {sorted(REMAT_POLICIES)}"
