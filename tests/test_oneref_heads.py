@@ -344,3 +344,39 @@ def test_sim_scale_scales_logits_and_sharpens_pooling():
     np.testing.assert_allclose(np.asarray(out4["seg_logits"]),
                                4.0 * np.asarray(out1["seg_logits"]), rtol=1e-5, atol=1e-6)
     assert np.abs(np.asarray(out4["box"]) - np.asarray(out1["box"])).max() > 1e-6
+
+
+def test_seg_dim_narrows_the_mask_head_and_keeps_the_rest():
+    """seg_dim=None is OneRef (no seg_text_proj); a narrower width changes only the RES head:
+    convs/BN at seg_dim channels, t_cls projected to seg_dim, cosine logits in [-1, 1]."""
+    rng = np.random.default_rng(0)
+    enc = jnp.asarray(rng.standard_normal((2, 17 + 5, 32)), jnp.float32)
+    full = OneRefHeads(32, use_seg_head=True).init(jax.random.key(0), enc, 17)
+    assert "seg_text_proj" not in full["params"]
+    narrow_mod = OneRefHeads(32, use_seg_head=True, seg_dim=8)
+    narrow = narrow_mod.init(jax.random.key(0), enc, 17)
+    p = nn.unbox(narrow["params"])
+    assert p["seg_conv1"]["kernel"].shape == (32, 8, 2, 2)
+    assert p["seg_conv3"]["kernel"].shape == (8, 8, 2, 2)
+    assert p["seg_text_proj"]["kernel"].shape == (32, 8)
+    assert nn.unbox(narrow["batch_stats"])["bn3"]["mean"].shape == (8,)
+    out_n, _ = narrow_mod.apply(narrow, enc, 17)
+    out_f, _ = OneRefHeads(32, use_seg_head=True).apply(full, enc, 17)
+    assert out_n["seg_logits"].shape == out_f["seg_logits"].shape == (2, 32, 32)
+    assert float(jnp.abs(out_n["seg_logits"]).max()) <= 1.0 + 1e-5
+    np.testing.assert_allclose(np.asarray(out_n["box"]), np.asarray(out_f["box"]), rtol=1e-6)
+    with pytest.raises(ValueError, match="seg_dim"):
+        OneRefHeads(32, use_seg_head=True, seg_dim=-4).init(jax.random.key(0), enc, 17)
+
+
+def test_seg_convs_sets_the_mask_resolution():
+    """seg_convs=3 (OneRef) gives 8x the patch grid; 2 gives 4x (H/2 for 8-pixel patches)."""
+    enc = jnp.asarray(np.random.default_rng(1).standard_normal((2, 17 + 5, 32)), jnp.float32)
+    mod = OneRefHeads(32, use_seg_head=True, seg_dim=8, seg_convs=2)
+    variables = mod.init(jax.random.key(0), enc, 17)
+    assert sorted(k for k in variables["params"] if k.startswith("seg_conv")) == [
+        "seg_conv1", "seg_conv2"]
+    out, _ = mod.apply(variables, enc, 17)
+    assert out["seg_logits"].shape == (2, 16, 16)
+    with pytest.raises(ValueError, match="seg_convs"):
+        OneRefHeads(32, use_seg_head=True, seg_convs=0).init(jax.random.key(0), enc, 17)

@@ -247,3 +247,67 @@ def test_to_global(refshapes_tiny_dir):
     assert isinstance(g["image"], jax.Array) and g["image"].shape == batch["image"].shape
     assert len(g["image"].sharding.device_set) == 8
     np.testing.assert_array_equal(np.asarray(g["text_ids"]), batch["text_ids"])
+
+
+class _SleepAt(grain.transforms.Map):
+    """Sleeps for a long time on element ``at`` (a hung read)."""
+
+    def __init__(self, at: int):
+        self.at = at
+
+    def map(self, x):
+        if int(x) == self.at:
+            import time
+
+            time.sleep(60)
+        return {"x": np.asarray(x), "_skipped": np.zeros((), np.int32)}
+
+
+class _DieAt(grain.transforms.Map):
+    """Kills the worker process on element ``at`` (as an OOM kill or a segfault would)."""
+
+    def __init__(self, at: int):
+        self.at = at
+
+    def map(self, x):
+        if int(x) == self.at:
+            import os
+
+            os._exit(3)
+        return {"x": np.asarray(x), "_skipped": np.zeros((), np.int32)}
+
+
+def test_stalled_pipeline_raises_instead_of_hanging():
+    it = pl.PipelineIterator(
+        iter(grain.MapDataset.range(8).map(_SleepAt(2)).to_iter_dataset()), timeout_s=1.0,
+        name="toy",
+    )
+    assert [int(next(it)["x"]) for _ in range(2)] == [0, 1]
+    with pytest.raises(pl.DataStallError, match="toy pipeline: no batch within 1 s"):
+        next(it)
+    with pytest.raises(pl.DataStallError, match="stalled earlier"):
+        next(it)
+    it.close()
+
+
+def test_dead_worker_process_raises_instead_of_hanging():
+    """grain reports a worker killed mid-stream; the error crosses the fetch thread intact."""
+    ds = grain.MapDataset.range(64).map(_DieAt(5)).to_iter_dataset()
+    ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=1))
+    it = pl.PipelineIterator(iter(ds), timeout_s=60.0, name="toy")
+    with pytest.raises(RuntimeError, match="terminated unexpectedly with exit code 3"):
+        for _ in range(64):
+            next(it)
+
+
+def test_timeout_passes_batches_and_errors_through(refshapes_tiny_dir):
+    cfg = _cfg(refshapes_tiny_dir, "rec", next_timeout_s=60.0)
+    plain = pl.make_pipeline(_cfg(refshapes_tiny_dir, "rec"), "val", train=False, seed=0)
+    with pl.make_pipeline(cfg, "val", train=False, seed=0) as timed:
+        assert timed.timeout_s == 60.0
+        for a, b in zip(plain, timed):
+            np.testing.assert_array_equal(a["text_ids"], b["text_ids"])
+    ds = grain.MapDataset.range(1).map(lambda x: x // 0).to_iter_dataset()
+    bad = pl.PipelineIterator(iter(ds), timeout_s=5.0)
+    with pytest.raises(ZeroDivisionError):  # an error inside the pipeline reaches the caller
+        next(bad)

@@ -107,3 +107,17 @@ def test_open_and_build_errors(tmp_path, monkeypatch):
     monkeypatch.setitem(build.BUILDER_MODULES, "refcoco", "refjax.data.builders.no_such_module")
     with pytest.raises(NotImplementedError, match="does not exist yet"):
         build.build_dataset("refcoco", "unc", str(tmp_path))
+
+
+def test_scene_without_pool_skips_only_the_pool(refshapes_tiny_dir):  # noqa: F811
+    """Pool masks stay PNG bytes in ``raw`` and are decoded only when asked for; a scene read
+    ``with_pool=False`` equals the full scene except for the (empty) pool fields."""
+    src = sources.open_scenes("refshapes", "val", refshapes_tiny_dir, config="tiny")
+    assert all(isinstance(m, bytes) for m in src.raw[0]["pool"]["mask"])
+    full, lean = src.scene(0), src.scene(0, with_pool=False)
+    assert len(full["pool_masks"]) > 0 and full["pool_ioa"].shape[1] == len(full["pool_masks"])
+    assert lean["pool_masks"].shape == (0, *full["image"].shape[:2])
+    assert lean["pool_ioa"].shape == (len(full["expressions"]), 0) and lean["pool_sources"] == []
+    for key in ("image", "masks", "boxes"):
+        np.testing.assert_array_equal(lean[key], full[key])
+    assert lean["expressions"][0]["text"] == full["expressions"][0]["text"]

@@ -75,6 +75,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         attention_impl=None,
         use_seg_head=res,
         sim_scale=1.0,  # 1.0 = OneRef; >1 sharpens the cosine pooling (from-scratch training)
+        seg_dim=None,  # RES head width; None = dim (OneRef), smaller = a cheaper mask head
+        seg_convs=3,  # RES head 2x upsampling stages: 3 = OneRef (H/2 with 16 px patches)
     )
 
     # Data: the fields refjax.data.pipeline.make_pipeline reads (batch sizes are global).
@@ -97,6 +99,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         num_scales=None,
         image_mean=None,
         image_std=None,
+        next_timeout_s=600.0,  # a batch slower than this is an error (dead worker), not a hang
     )
 
     c.data.image_size = c.model.get_ref("img_size")

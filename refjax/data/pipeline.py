@@ -31,6 +31,8 @@ masks) are dropped in train and are ``valid=0`` rows in eval, without being coun
 from __future__ import annotations
 
 import math
+import queue
+import threading
 from typing import Any
 
 import grain
@@ -62,7 +64,12 @@ DEFAULTS: dict[str, Any] = {
     "refs_max": 4,
     "image_mean": None,
     "image_std": None,
+    "next_timeout_s": 0.0,  # > 0: a batch that takes longer raises DataStallError (0: wait)
 }
+
+
+class DataStallError(RuntimeError):
+    """No batch came out of the pipeline within ``next_timeout_s`` (a dead worker, a hung read)."""
 
 
 def cfg_get(config: Any, key: str) -> Any:
@@ -131,12 +138,64 @@ class _SkipBadIterator(grain.DatasetIterator):
 
 
 class PipelineIterator(grain.DatasetIterator):
-    """Main-process end of the pipeline: strips ``_skipped`` into ``bad_record_count()``."""
+    """Main-process end of the pipeline: strips ``_skipped`` into ``bad_record_count()``.
 
-    def __init__(self, parent: grain.DatasetIterator, num_batches: int | None = None):
+    With ``timeout_s > 0`` each batch is fetched on one daemon thread and a batch that takes
+    longer raises ``DataStallError`` instead of waiting forever (grain does not notice a worker
+    process that died; the trainer would hang with no message).
+    """
+
+    def __init__(
+        self,
+        parent: grain.DatasetIterator,
+        num_batches: int | None = None,
+        timeout_s: float = 0.0,
+        name: str = "data",
+    ):
         super().__init__(parent)
         self._bad = 0
         self.num_batches = num_batches  # eval: batches this process yields; train: None
+        self.timeout_s, self.name = float(timeout_s), name
+        self._requests: queue.Queue = queue.Queue()
+        self._results: queue.Queue = queue.Queue()
+        self._fetcher: threading.Thread | None = None
+        self._stalled = False
+
+    def _fetch_loop(self) -> None:
+        while self._requests.get() is not None:
+            try:
+                self._results.put((True, next(self._parent)))
+            except BaseException as e:  # noqa: BLE001  (re-raised in the caller's thread)
+                self._results.put((False, e))
+
+    def _next_parent(self) -> dict[str, np.ndarray]:
+        if self.timeout_s <= 0:
+            return next(self._parent)
+        if self._stalled:
+            raise DataStallError(f"{self.name} pipeline stalled earlier; rebuild it")
+        if self._fetcher is None:
+            self._fetcher = threading.Thread(target=self._fetch_loop, daemon=True,
+                                             name=f"refjax-{self.name}-fetch")
+            self._fetcher.start()
+        self._requests.put(True)
+        try:
+            ok, value = self._results.get(timeout=self.timeout_s)
+        except queue.Empty:
+            self._stalled = True
+            raise DataStallError(
+                f"{self.name} pipeline: no batch within {self.timeout_s:g} s "
+                "(data.next_timeout_s); a worker process may have died or a read is hung"
+            ) from None
+        if not ok:
+            raise value
+        return value
+
+    def close(self) -> None:
+        if self._fetcher is not None and not self._stalled:
+            self._requests.put(None)
+            self._fetcher.join(timeout=5.0)
+        self._fetcher = None
+        super().close()
 
     def __enter__(self) -> PipelineIterator:
         return self
@@ -145,7 +204,7 @@ class PipelineIterator(grain.DatasetIterator):
         self.close()
 
     def __next__(self) -> dict[str, np.ndarray]:
-        batch = next(self._parent)
+        batch = self._next_parent()
         n = int(np.sum(batch.pop(st.SKIPPED)))
         if n:
             self._bad += n
@@ -296,7 +355,9 @@ def make_pipeline(
     workers = int(cfg_get(config, "num_workers"))
     if workers > 0:
         it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers))
-    return PipelineIterator(iter(it_ds), num_batches)
+    timeout = float(cfg_get(config, "next_timeout_s") or 0.0)
+    name = f"{split} {'train' if train else 'eval'}"
+    return PipelineIterator(iter(it_ds), num_batches, timeout, name)
 
 
 def to_global(batch: dict[str, np.ndarray], mesh: Any) -> dict[str, Any]:

@@ -71,8 +71,12 @@ def _indices(flat: np.ndarray, start: int, count: int, k: int, rid: str, field: 
     return idx
 
 
-def decode_scene(record: dict) -> dict:
+def decode_scene(record: dict, with_pool: bool = True) -> dict:
     """A schema record (as tfds decodes it, or with PNG bytes) -> the scene dict above.
+
+    ``with_pool=False`` skips the candidate pool (its masks are most of a scene's PNGs and only
+    RAS reads them): ``pool_masks`` is then ``(0, H, W)``, ``pool_sources`` empty and
+    ``pool_ioa`` ``(E, 0)``.
 
     Raises ``BadRecordError`` naming the record id and field for unreadable images, masks of the
     wrong size, degenerate boxes, empty texts, and inconsistent index lists.
@@ -127,9 +131,9 @@ def decode_scene(record: dict) -> dict:
                 "object_span": (int(obj_span[0]), int(obj_span[1])),
             }
         )
-    pool = record.get("pool", {})
+    pool = record.get("pool", {}) if with_pool else {}
     pool_masks = _mask_stack(pool.get("mask"), h, w, rid, "pool/mask")
-    ioa = np.asarray(record.get("pool_ioa", []), np.float32).reshape(-1)
+    ioa = np.asarray(record.get("pool_ioa", []) if with_pool else [], np.float32).reshape(-1)
     if ioa.size != len(expressions) * len(pool_masks):
         raise BadRecordError(
             rid,
@@ -145,7 +149,7 @@ def decode_scene(record: dict) -> dict:
         "object_ids": np.asarray(obj.get("id", np.arange(k)), np.int64).reshape(-1),
         "expressions": expressions,
         "pool_masks": pool_masks,
-        "pool_sources": _strs(pool.get("source")),
+        "pool_sources": _strs(pool.get("source")) if with_pool else [],
         "pool_ioa": ioa.reshape(len(expressions), len(pool_masks)),
         "caption": _str(record.get("caption", "")),
     }
@@ -183,6 +187,22 @@ def dataset_dir(name: str, data_dir: str, config: str | None = None) -> str:
     return os.path.join(cdir, max(versions, key=_version_key))
 
 
+class _PngBytes:
+    """A tfds decoder that leaves an Image feature as its encoded PNG bytes."""
+
+    def setup(self, feature: Any) -> None:  # tfds Decoder protocol
+        self.feature = feature
+
+    def decode_example(self, x: Any) -> Any:
+        return x
+
+    def decode_example_np(self, x: Any) -> Any:
+        return x
+
+    def decode_batch_example_np(self, x: Any) -> Any:
+        return x
+
+
 class SceneSource:
     """Random-access decoded scenes of one split (``len``, ``[i]``) plus expression indexing."""
 
@@ -191,16 +211,28 @@ class SceneSource:
 
         self.path = path
         self.split = split
-        self.raw = tfds.builder_from_directory(path).as_data_source(split=split)
+        builder = tfds.builder_from_directory(path)
+        # Candidate-pool masks stay PNG bytes until decode_scene needs them (only RAS does):
+        # they are most of a scene's PNGs, and tfds would otherwise decode them all eagerly.
+        try:
+            builder.info.features["pool"]["mask"]
+            lazy = {"pool": {"mask": _PngBytes()}}
+        except (KeyError, TypeError):
+            lazy = None
+        self.raw = builder.as_data_source(split=split, decoders=lazy)
         self._counts: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.raw)
 
     def __getitem__(self, i: int) -> dict:
+        return self.scene(i)
+
+    def scene(self, i: int, with_pool: bool = True) -> dict:
+        """Record ``i`` decoded (``with_pool=False``: without the candidate pool)."""
         if not -len(self) <= i < len(self):
             raise IndexError(f"record {i} out of range for {len(self)} records")
-        return decode_scene(self.raw[i % len(self)])
+        return decode_scene(self.raw[i % len(self)], with_pool)
 
     def expressions_per_record(self) -> np.ndarray:
         """int32 (N,): expressions in each record, from ``metadata.json`` (no decoding)."""

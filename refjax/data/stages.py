@@ -82,7 +82,9 @@ class Expand(_Guarded, grain.transforms.Map):
 
     def _apply(self, item: tuple[int, int, int]) -> tf.Example:
         i, rec, e = item
-        ex = tf.expand(self.source[rec], e)
+        scene_fn = getattr(self.source, "scene", None)
+        scene = scene_fn(rec, with_pool=self.keep_pool) if scene_fn else self.source[rec]
+        ex = tf.expand(scene, e)
         if self.eligible is not None and not self.eligible(ex):
             return {DROP: 1, "expr_index": i}
         if not self.keep_pool:

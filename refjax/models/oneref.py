@@ -194,13 +194,22 @@ def _heads_forward(
     dtype: Dtype,
     param_dtype: Dtype,
     sim_scale: float = 1.0,
+    seg_dim: int | None = None,
+    seg_convs: int = 3,
 ) -> tuple[dict[str, Array], dict[str, Array]]:
     """Spec 2.1-2.3. Must be called inside ``mod``'s compact method; creates the head
     submodules directly under ``mod`` (so OneRef keeps the PyTorch top-level names).
 
     ``sim_scale`` multiplies the cosines used as pooling weights and as box-mask / segmentation
     logits; 1.0 is OneRef (parity). A larger scale (an inverse temperature) sharpens the pooling,
-    an option for training from scratch, where the cosines' [-1, 1] range is very flat."""
+    an option for training from scratch, where the cosines' [-1, 1] range is very flat.
+
+    ``seg_dim`` (None = D, OneRef) is the RES head's channel width: with a narrower width the
+    three transposed convs and BatchNorms run at ``seg_dim`` channels and ``t_cls`` is mapped to
+    ``seg_dim`` by an extra bias-free ``seg_text_proj`` (then l2-normalised) for the cosine.
+    A cheaper mask head for small CPU budgets; the upsampled maps dominate the step otherwise.
+    ``seg_convs`` (3 = OneRef) is the number of 2x transposed-conv stages: 3 puts the logits at
+    H/2 for 16-pixel patches; use 2 for 8-pixel patches to keep H/2."""
     dim = encoder_out.shape[-1]
     num_patches = vision_len - 1
     grid = math.isqrt(num_patches)
@@ -236,13 +245,20 @@ def _heads_forward(
 
     outputs = {"box": box, "sim": sim, "v_cls": v_cls, "t_cls": t_cls}
     if use_seg_head:
+        width = seg_dim or dim
+        if width <= 0 or seg_convs < 1:
+            raise ValueError(f"seg_dim and seg_convs must be positive, got {seg_dim}, {seg_convs}")
         feat = v[:, 1:].reshape(v.shape[0], grid, grid, dim)
-        for k in (1, 2, 3):
-            feat = ConvTranspose2x2(dim, name=f"seg_conv{k}", **kw)(feat)
+        for k in range(1, seg_convs + 1):
+            feat = ConvTranspose2x2(width, name=f"seg_conv{k}", **kw)(feat)
             feat = BatchNorm(use_running_average=deterministic, name=f"bn{k}", **kw)(feat)
-            if k < 3:
+            if k < seg_convs:
                 feat = nn.relu(feat)
-        cos = jnp.einsum("bd,bhwd->bhw", t_cls, l2n(feat), precision=HIGHEST)
+        t_seg = t_cls
+        if width != dim:
+            proj = _dense(width, dim, name="seg_text_proj", use_bias=False, kernel_init=trunc, **kw)
+            t_seg = l2n(proj(t_cls))
+        cos = jnp.einsum("bd,bhwd->bhw", t_seg, l2n(feat), precision=HIGHEST)
         outputs["seg_logits"] = cos * sim_scale
     aux = {"logit_scale": logit_scale.astype(jnp.float32), "vision_len": vision_len}
     return outputs, aux
@@ -263,6 +279,8 @@ class OneRefHeads(nn.Module):
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
     sim_scale: float = 1.0
+    seg_dim: int | None = None
+    seg_convs: int = 3
 
     @nn.compact
     def __call__(
@@ -279,6 +297,8 @@ class OneRefHeads(nn.Module):
             dtype=self.dtype,
             param_dtype=self.param_dtype,
             sim_scale=self.sim_scale,
+            seg_dim=self.seg_dim,
+            seg_convs=self.seg_convs,
         )
 
 
@@ -294,6 +314,8 @@ class OneRef(nn.Module):
     dtype: Dtype | None = None
     param_dtype: Dtype = jnp.float32
     sim_scale: float = 1.0  # 1.0 = OneRef; see _heads_forward
+    seg_dim: int | None = None  # None = D (OneRef); see _heads_forward
+    seg_convs: int = 3  # 2x upsampling stages (3 = OneRef); see _heads_forward
 
     @nn.compact
     def __call__(
@@ -323,6 +345,8 @@ class OneRef(nn.Module):
             dtype=self.dtype or getattr(self.backbone_config, "compute_dtype", jnp.float32),
             param_dtype=self.param_dtype,
             sim_scale=self.sim_scale,
+            seg_dim=self.seg_dim,
+            seg_convs=self.seg_convs,
         )
         return outputs, {**aux, **head_aux}
 

@@ -56,6 +56,8 @@ def build_model(config: Any) -> OneRef:
         backbone_config(config.model),
         use_seg_head=bool(config.model.use_seg_head),
         sim_scale=float(config.model.get("sim_scale", 1.0)),
+        seg_dim=config.model.get("seg_dim") or None,
+        seg_convs=int(config.model.get("seg_convs", 3)),
     )
 
 
