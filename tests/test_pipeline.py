@@ -249,37 +249,25 @@ def test_to_global(refshapes_tiny_dir):
     np.testing.assert_array_equal(np.asarray(g["text_ids"]), batch["text_ids"])
 
 
-class _SleepAt(grain.transforms.Map):
-    """Sleeps for a long time on element ``at`` (a hung read)."""
+class _FailAt(grain.transforms.Map):
+    """On element ``at``: sleep for a minute (a hung read) or kill the worker process (as an
+    OOM kill or a segfault would)."""
 
-    def __init__(self, at: int):
-        self.at = at
-
-    def map(self, x):
-        if int(x) == self.at:
-            import time
-
-            time.sleep(60)
-        return {"x": np.asarray(x), "_skipped": np.zeros((), np.int32)}
-
-
-class _DieAt(grain.transforms.Map):
-    """Kills the worker process on element ``at`` (as an OOM kill or a segfault would)."""
-
-    def __init__(self, at: int):
-        self.at = at
+    def __init__(self, at: int, how: str):
+        self.at, self.how = at, how
 
     def map(self, x):
         if int(x) == self.at:
             import os
+            import time
 
-            os._exit(3)
+            time.sleep(60) if self.how == "hang" else os._exit(3)
         return {"x": np.asarray(x), "_skipped": np.zeros((), np.int32)}
 
 
 def test_stalled_pipeline_raises_instead_of_hanging():
     it = pl.PipelineIterator(
-        iter(grain.MapDataset.range(8).map(_SleepAt(2)).to_iter_dataset()), timeout_s=1.0,
+        iter(grain.MapDataset.range(8).map(_FailAt(2, "hang")).to_iter_dataset()), timeout_s=1.0,
         name="toy",
     )
     assert [int(next(it)["x"]) for _ in range(2)] == [0, 1]
@@ -292,7 +280,7 @@ def test_stalled_pipeline_raises_instead_of_hanging():
 
 def test_dead_worker_process_raises_instead_of_hanging():
     """grain reports a worker killed mid-stream; the error crosses the fetch thread intact."""
-    ds = grain.MapDataset.range(64).map(_DieAt(5)).to_iter_dataset()
+    ds = grain.MapDataset.range(64).map(_FailAt(5, "die")).to_iter_dataset()
     ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=1))
     it = pl.PipelineIterator(iter(ds), timeout_s=60.0, name="toy")
     with pytest.raises(RuntimeError, match="terminated unexpectedly with exit code 3"):
