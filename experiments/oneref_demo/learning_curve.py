@@ -1,0 +1,170 @@
+"""Learning curve of the demo model against examples seen, without the data loader in the way.
+
+    python experiments/oneref_demo/learning_curve.py --data_dir runs/demo/data \
+        --cache /tmp/refshapes_cache --steps 4000 --eval_every 400 --name L16 \
+        [--set model.seg_dim=32 ...]
+
+The first call runs the real eval pipeline (letterbox, tokenisation; no augmentation) over the
+RefShapes ``train`` and ``val`` splits once and caches the batches under ``--cache`` as
+``<split>_<size>px.npz`` (train images in float16: about 2.8 GB for the default config). Every
+call then trains the demo's configuration (``refjax.demo.demo_config`` plus ``--set``
+overrides) with the real model, loss, optimizer and jitted step on shuffled in-memory batches,
+and evaluates the whole val split every ``--eval_every`` steps with the real eval step and
+metrics. It prints, and appends to ``--out`` (JSONL), per evaluation: step, examples seen,
+training seconds (after the first, compiling step), the mean training losses since the last evaluation, val Acc@0.5 / mIoU
+overall and per kind.
+
+It answers "how many examples does this configuration need", which the 12-minute demo cannot:
+on 2 cores the loader and the step compete, and a demo run measures both at once. Pin two runs
+to one core each (``taskset -c 0`` / ``-c 1``) to compare configurations side by side.
+Results are recorded in BENCHMARKS.md (RefShapes demo section).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import numpy as np
+
+SPLITS = ("train", "val")
+
+
+def cache_path(cache: str, split: str, image_size: int) -> str:
+    return os.path.join(cache, f"{split}_{image_size}px.npz")
+
+
+def build_cache(config, cache: str) -> None:
+    """Run the eval pipeline over each split once and save its batches to ``cache``."""
+    from refjax.data.pipeline import make_pipeline
+
+    os.makedirs(cache, exist_ok=True)
+    for split in SPLITS:
+        path = cache_path(cache, split, int(config.data.image_size))
+        if os.path.exists(path):
+            continue
+        t0, parts = time.time(), {}
+        with make_pipeline(config, split, train=False, seed=0) as it:
+            for batch in it:
+                for k, v in batch.items():
+                    v = np.asarray(v)
+                    parts.setdefault(k, []).append(v.astype(np.float16) if k == "image" else v)
+        arrays = {k: np.concatenate(v) for k, v in parts.items()}
+        tmp = path[:-4] + ".tmp.npz"
+        np.savez(tmp, **arrays)
+        os.replace(tmp, path)
+        print(f"cached {split}: {len(arrays['valid'])} rows in {time.time() - t0:.0f} s",
+              flush=True)
+
+
+def load_split(config, cache: str, split: str, valid_only: bool) -> dict[str, np.ndarray]:
+    text_len = int(config.data.max_text_len)
+    data = dict(np.load(cache_path(cache, split, int(config.data.image_size))))
+    if data["text_ids"].shape[1] < text_len:
+        raise ValueError(f"cache has text length {data['text_ids'].shape[1]} < {text_len}")
+    for k in ("text_ids", "text_padding"):
+        data[k] = data[k][:, :text_len]
+    if valid_only:
+        keep = data["valid"] > 0
+        data = {k: v[keep] for k, v in data.items()}
+    return data
+
+
+def take(data: dict[str, np.ndarray], idx: np.ndarray) -> dict[str, np.ndarray]:
+    batch = {k: v[idx] for k, v in data.items()}
+    batch["image"] = batch["image"].astype(np.float32)
+    return batch
+
+
+def main() -> None:
+    from absl import flags
+
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--data_dir", required=True)
+    p.add_argument("--data_config", default="default")
+    p.add_argument("--cache", required=True)
+    p.add_argument("--steps", type=int, default=2000)
+    p.add_argument("--eval_every", type=int, default=400)
+    p.add_argument("--name", default="run")
+    p.add_argument("--out", default=None, help="JSONL file to append results to")
+    p.add_argument("--set", action="append", default=[], dest="sets")
+    args = p.parse_args()
+    flags.FLAGS(["learning_curve"])  # grain reads absl flags
+
+    import jax
+    from flax import linen as nn
+
+    from refjax import demo, parallel
+    from refjax.data.transforms import KINDS
+    from refjax.evaluate.metrics import MetricAccumulator
+    from refjax.train import trainer
+    from refjax.train.optim import make_optimizer
+    from refjax.train.state import build_model, create_train_state
+    from refjax.train.steps import jit_steps, local_rows, make_eval_step, make_train_step
+
+    config = trainer.resolve_config(
+        demo.demo_config(args.data_dir, args.data_config, ["train.progress=False", *args.sets])
+    )
+    build_cache(config, args.cache)
+    train = load_split(config, args.cache, "train", valid_only=True)
+    val = load_split(config, args.cache, "val", valid_only=False)
+    n, bs = len(train["valid"]), int(config.data.batch_size)
+
+    mesh = parallel.create_mesh(config.mesh)
+    rules = parallel.rules_for(config.layout)
+    model = build_model(config)
+    tx, _ = make_optimizer(config.optim, args.steps, max(1, n // bs))
+    state, shardings = create_train_state(
+        config, model, tx, mesh, rules, int(config.train.seed), trainer.sample_batch(config, bs)
+    )
+    jtrain, jeval = jit_steps(
+        make_train_step(model, tx, config), make_eval_step(model, config), shardings, mesh
+    )
+
+    def evaluate() -> dict:
+        acc = MetricAccumulator(kinds=KINDS)
+        rows = len(val["valid"])
+        for s in range(0, rows, 256):
+            batch = parallel.host_batch_to_global(take(val, np.arange(s, min(s + 256, rows))),
+                                                  mesh)
+            m = {k: local_rows(v) for k, v in jeval(state, batch).items()}
+            acc.update(m, kinds=[KINDS[int(k)] for k in m.pop("kind")])
+        return trainer._split_result(acc.allreduce())
+
+    rng = np.random.default_rng(int(config.train.seed))
+    order, pos, train_s, window = rng.permutation(n), 0, 0.0, []
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+        for step in range(1, args.steps + 1):
+            if pos + bs > n:
+                order, pos = rng.permutation(n), 0
+            batch = parallel.host_batch_to_global(take(train, order[pos:pos + bs]), mesh)
+            pos += bs
+            t0 = time.perf_counter()
+            state, metrics = jtrain(state, batch)
+            if step % 10 == 0:
+                window.append({k: float(v) for k, v in jax.device_get(metrics).items()
+                               if k.startswith("loss")})
+            if step > 1:  # step 1 includes compilation
+                train_s += time.perf_counter() - t0
+            if step % args.eval_every and step != args.steps:
+                continue
+            res = evaluate()
+            losses = {k: float(np.mean([w[k] for w in window])) for k in (window or [{}])[0]}
+            window = []
+            row = {"name": args.name, "step": step, "examples": step * bs,
+                   "train_s": round(train_s, 1), "losses": losses,
+                   "val": {k: res["overall"].get(k) for k in ("acc@0.5", "miou", "oiou")},
+                   "per_kind": {k: {m: v.get(m) for m in ("acc@0.5", "miou")}
+                                for k, v in res["per_kind"].items()},
+                   "sets": args.sets}
+            print(json.dumps(row), flush=True)
+            if args.out:
+                with open(args.out, "a") as f:
+                    f.write(json.dumps(row) + "\n")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
