@@ -11,8 +11,8 @@ call then trains the demo's configuration (``refjax.demo.demo_config`` plus ``--
 overrides) with the real model, loss, optimizer and jitted step on shuffled in-memory batches,
 and evaluates the whole val split every ``--eval_every`` steps with the real eval step and
 metrics. It prints, and appends to ``--out`` (JSONL), per evaluation: step, examples seen,
-training seconds (after the first, compiling step), the mean training losses since the last evaluation, val Acc@0.5 / mIoU
-overall and per kind.
+training seconds (not counting the first, compiling step), the mean training losses since the
+last evaluation, val Acc@0.5 / mIoU overall and per kind.
 
 It answers "how many examples does this configuration need", which the 12-minute demo cannot:
 on 2 cores the loader and the step compete, and a demo run measures both at once. Pin two runs
