@@ -26,12 +26,15 @@ from refjax.data import transforms as tf
 CONFIG = "rec_res.py:tiny,task=res"
 BOTH_HEADS = ("loss.use_box_loss=True", "loss.use_box_mask_constraint=True")
 # Sized for the 2-core CPU budget of the README's main job (about 12 minutes of training and
-# evaluation): a narrower, shallower encoder than ``tiny`` and a short schedule. Measured
-# results and the learning curve are in BENCHMARKS.md; ``--set`` overrides any of these.
+# evaluation): a narrower, shallower encoder than ``tiny``, a 32-channel RES head (the full-width
+# one costs 2.6x the encoder), 24 text tokens (RefShapes expressions need at most 17), the loader
+# in one worker process so that it overlaps the step, and a short schedule. Measured results,
+# the learning curve and the reasons are in BENCHMARKS.md; ``--set`` overrides any of these.
 BUDGET = (
     "model.dim=128", "model.depth=3", "model.heads=4", "model.mlp_dim=512",
-    "optim.lr=1e-3", "optim.warmup_steps=50", "train.total_steps=400",
-    "train.eval_every=0", "train.ckpt_every=400",  # eval once, at the end
+    "model.seg_dim=32", "data.max_text_len=24", "data.num_workers=1",
+    "optim.lr=1e-3", "optim.warmup_steps=50", "train.total_steps=800",
+    "train.eval_every=0", "train.ckpt_every=800",  # eval once, at the end
     # From scratch, OneRef's [-1, 1] cosine pooling collapses to the mean box (BENCHMARKS.md);
     # an inverse temperature of 10 lets the text-patch alignment learn.
     "model.sim_scale=10.0",

@@ -90,6 +90,8 @@ def main() -> None:
     p.add_argument("--eval_every", type=int, default=400)
     p.add_argument("--name", default="run")
     p.add_argument("--out", default=None, help="JSONL file to append results to")
+    p.add_argument("--train_kinds", default="",
+                   help="comma list: train only on these expression kinds (val keeps all)")
     p.add_argument("--set", action="append", default=[], dest="sets")
     args = p.parse_args()
     flags.FLAGS(["learning_curve"])  # grain reads absl flags
@@ -111,6 +113,10 @@ def main() -> None:
     build_cache(config, args.cache)
     train = load_split(config, args.cache, "train", valid_only=True)
     val = load_split(config, args.cache, "val", valid_only=False)
+    if args.train_kinds:
+        wanted = [KINDS.index(k) for k in args.train_kinds.split(",")]
+        keep = np.isin(train["kind"], wanted)
+        train = {k: v[keep] for k, v in train.items()}
     n, bs = len(train["valid"]), int(config.data.batch_size)
 
     mesh = parallel.create_mesh(config.mesh)
@@ -159,7 +165,7 @@ def main() -> None:
                    "val": {k: res["overall"].get(k) for k in ("acc@0.5", "miou", "oiou")},
                    "per_kind": {k: {m: v.get(m) for m in ("acc@0.5", "miou")}
                                 for k, v in res["per_kind"].items()},
-                   "sets": args.sets}
+                   "sets": args.sets, "train_kinds": args.train_kinds}
             print(json.dumps(row), flush=True)
             if args.out:
                 with open(args.out, "a") as f:

@@ -278,6 +278,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         bar.close()
         writer.close()
         ckpt.close()
+        train_it.close()  # stops worker processes and frees their shared memory
     if _is_main():
         _write_json(os.path.join(workdir, METRICS_FILE), result)
     return result
