@@ -179,3 +179,16 @@ def test_cli_convert_oneref(tmp_path):
     np.testing.assert_array_equal(
         layer0, variables["params"]["beit3"]["encoder"]["layers"]["ffn"]["A"]["fc1"]["kernel"][0]
     )
+
+
+@pytest.mark.parametrize("opts", [{"seg_dim": 8}, {"seg_convs": 2}])
+def test_export_refuses_refjax_only_res_heads(opts):
+    """A RES head built with seg_dim / seg_convs has no OneRef layout: exporting it is an error
+    that names the option, not a state_dict that fails later in torch."""
+    import jax
+
+    model = OneRef(CFG, use_seg_head=True, **opts)
+    ids, pad, img = _inputs()
+    shapes = jax.eval_shape(model.init, jax.random.key(0), ids, pad, img.transpose(0, 2, 3, 1))
+    with pytest.raises(ConversionError, match="seg_dim / seg_convs"):
+        conv.to_torch(shapes, CFG, use_seg_head=True)

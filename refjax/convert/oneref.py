@@ -149,6 +149,12 @@ def to_torch(variables: Mapping, cfg: BEiT3Config, use_seg_head: bool) -> dict[s
     prefix on the backbone), loadable with ``strict=True``."""
     v = nn.unbox(variables)
     params = v["params"]
+    extra = sorted(k for k in params if k == "seg_text_proj" or k == "seg_conv4")
+    if extra or (use_seg_head and "seg_conv3" not in params):
+        raise ConversionError(
+            f"the RES head was built with refjax-only options (seg_dim / seg_convs: "
+            f"{extra or 'fewer than 3 seg_conv stages'}); OneRef has no such head"
+        )
     sd = beit3_to_torch(params["beit3"], cfg, prefix=PREFIX)
     sd.update(flax_to_torch(params, head_rules(use_seg_head), scanned=False))
     if use_seg_head:
