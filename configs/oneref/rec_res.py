@@ -6,7 +6,7 @@ The first item picks the model size; the others, all optional::
     dataset=refshapes|...   refjax dataset name (refcoco, refcoco+, refcocog, ...) [refshapes]
     stage=frozen|full       (a) frozen-backbone warm-up or (b) full fine-tune      [full]
 
-``tiny`` trains on RefShapes on a 2-core CPU (128 px, 8x8 patches, 32 text tokens, the
+``tiny`` trains on RefShapes on a 2-core CPU (128 px, an 8x8 patch grid, 32 text tokens, the
 RefShapes tokenizer's vocabulary); ``base``/``large`` follow the released scripts (384 px,
 64 tokens; stage (a): 10 epochs, bs 512, lr 2.5e-4; stage (b): 20 epochs, lr 3e-5, bs 256 base /
 64 large; AdamW wd 1e-4, per-epoch cosine, no warm-up, no clipping). The config is locked:
