@@ -99,7 +99,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         num_scales=None,
         image_mean=None,
         image_std=None,
-        next_timeout_s=600.0,  # a batch slower than this is an error (dead worker), not a hang
+        next_timeout_s=600.0,  # a batch slower than this is an error (stuck pipeline), not a hang
     )
 
     c.data.image_size = c.model.get_ref("img_size")

@@ -69,7 +69,7 @@ DEFAULTS: dict[str, Any] = {
 
 
 class DataStallError(RuntimeError):
-    """No batch came out of the pipeline within ``next_timeout_s`` (a dead worker, a hung read)."""
+    """No batch came out of the pipeline within ``next_timeout_s`` (a hung read, a stuck worker)."""
 
 
 def cfg_get(config: Any, key: str) -> Any:
@@ -141,8 +141,9 @@ class PipelineIterator(grain.DatasetIterator):
     """Main-process end of the pipeline: strips ``_skipped`` into ``bad_record_count()``.
 
     With ``timeout_s > 0`` each batch is fetched on one daemon thread and a batch that takes
-    longer raises ``DataStallError`` instead of waiting forever (grain does not notice a worker
-    process that died; the trainer would hang with no message).
+    longer raises ``DataStallError`` instead of waiting forever: grain itself reports a worker
+    process killed mid-stream, but not a read that hangs or a worker that never delivers (e.g.
+    one that fails while starting), where the trainer would otherwise wait with no message.
     """
 
     def __init__(
@@ -184,7 +185,7 @@ class PipelineIterator(grain.DatasetIterator):
             self._stalled = True
             raise DataStallError(
                 f"{self.name} pipeline: no batch within {self.timeout_s:g} s "
-                "(data.next_timeout_s); a worker process may have died or a read is hung"
+                "(data.next_timeout_s); a read is hung or a worker is stuck or failed to start"
             ) from None
         if not ok:
             raise value
