@@ -101,11 +101,10 @@ def main() -> None:
 
     from refjax import demo, parallel
     from refjax.data.transforms import KINDS
-    from refjax.evaluate.metrics import MetricAccumulator
     from refjax.train import trainer
     from refjax.train.optim import make_optimizer
     from refjax.train.state import build_model, create_train_state
-    from refjax.train.steps import jit_steps, local_rows, make_eval_step, make_train_step
+    from refjax.train.steps import jit_steps, make_eval_step, make_train_step
 
     config = trainer.resolve_config(
         demo.demo_config(args.data_dir, args.data_config, ["train.progress=False", *args.sets])
@@ -131,14 +130,9 @@ def main() -> None:
     )
 
     def evaluate() -> dict:
-        acc = MetricAccumulator(kinds=KINDS)
         rows = len(val["valid"])
-        for s in range(0, rows, 256):
-            batch = parallel.host_batch_to_global(take(val, np.arange(s, min(s + 256, rows))),
-                                                  mesh)
-            m = {k: local_rows(v) for k, v in jeval(state, batch).items()}
-            acc.update(m, kinds=[KINDS[int(k)] for k in m.pop("kind")])
-        return trainer._split_result(acc.allreduce())
+        batches = (take(val, np.arange(s, min(s + 256, rows))) for s in range(0, rows, 256))
+        return trainer.evaluate_batches(jeval, state, batches, mesh)
 
     rng = np.random.default_rng(int(config.train.seed))
     order, pos, train_s, window = rng.permutation(n), 0, 0.0, []

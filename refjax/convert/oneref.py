@@ -149,11 +149,13 @@ def to_torch(variables: Mapping, cfg: BEiT3Config, use_seg_head: bool) -> dict[s
     prefix on the backbone), loadable with ``strict=True``."""
     v = nn.unbox(variables)
     params = v["params"]
-    extra = sorted(k for k in params if k == "seg_text_proj" or k == "seg_conv4")
-    if extra or (use_seg_head and "seg_conv3" not in params):
+    seg = sorted(k for k in params if k.startswith("seg_"))
+    want = [f"seg_conv{k}" for k in (1, 2, 3)] if use_seg_head else []
+    widths = {params[k]["kernel"].shape[1] for k in seg if k.startswith("seg_conv")}
+    if seg != want or widths - {cfg.dim}:
         raise ConversionError(
-            f"the RES head was built with refjax-only options (seg_dim / seg_convs: "
-            f"{extra or 'fewer than 3 seg_conv stages'}); OneRef has no such head"
+            f"the RES head was built with refjax-only options (seg_dim / seg_convs): layers "
+            f"{seg}, widths {sorted(widths)}; OneRef has {want} at width {cfg.dim}"
         )
     sd = beit3_to_torch(params["beit3"], cfg, prefix=PREFIX)
     sd.update(flax_to_torch(params, head_rules(use_seg_head), scanned=False))

@@ -162,14 +162,22 @@ def run_eval(
 
     Call under the mesh and rules context.
     """
-    acc = MetricAccumulator(kinds=KINDS)
     with make_pipeline(config, split, train=False, seed=0) as it:
         n = it.num_batches if not max_batches else min(max_batches, it.num_batches or 0)
-        for _, batch in zip(range(n), it):
-            out = jitted_eval(state, parallel.host_batch_to_global(batch, mesh))
-            m = {k: local_rows(v) for k, v in out.items()}
-            kinds = [KINDS[int(k)] if 0 <= k < len(KINDS) else KINDS[0] for k in m.pop("kind")]
-            acc.update(m, kinds=kinds)
+        return evaluate_batches(jitted_eval, state, (b for _, b in zip(range(n), it)), mesh)
+
+
+def evaluate_batches(
+    jitted_eval: Any, state: TrainState, batches: Iterable[Mapping[str, Any]], mesh: Any
+) -> dict[str, Any]:
+    """Metrics of ``state`` over this process's host ``batches`` (all processes reduced):
+    ``{"overall": {...}, "per_kind": {kind: {...}}}``. Call under the mesh and rules context."""
+    acc = MetricAccumulator(kinds=KINDS)
+    for batch in batches:
+        out = jitted_eval(state, parallel.host_batch_to_global(batch, mesh))
+        m = {k: local_rows(v) for k, v in out.items()}
+        kinds = [KINDS[int(k)] if 0 <= k < len(KINDS) else KINDS[0] for k in m.pop("kind")]
+        acc.update(m, kinds=kinds)
     return _split_result(acc.allreduce())
 
 
