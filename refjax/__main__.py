@@ -8,59 +8,26 @@ import os
 import sys
 
 
+class UserError(Exception):
+    """A mistake in the command line or its inputs: reported as one line, exit status 2."""
+
+
 def _build_data(args: argparse.Namespace) -> int:
     from refjax.data.build import build_dataset
 
-    path = build_dataset(args.name, args.config, args.data_dir, args.manual_dir)
+    path = build_dataset(args.name, args.config, args.data_dir, args.manual_dir,
+                         skip_bad_records=args.skip_bad_records)
     print(f"built {args.name} into {path}")
     return 0
 
 
 def _convert(args: argparse.Namespace) -> int:
-    import dataclasses
+    from refjax.convert import cli
 
-    from refjax.convert import beit3 as conv
-    from refjax.convert.common import load_state_dict, save_params
-
-    if args.model not in ("beit3", "oneref"):
-        raise SystemExit(f"unknown model {args.model!r} for convert (supported: beit3, oneref)")
-    sd = load_state_dict(args.input)
-    inner, _ = conv.strip_prefix(sd)
-    overrides = {"scan": not args.no_scan}
-    if args.img_size:
-        overrides["img_size"] = args.img_size
-    if args.variant:
-        from refjax.models.beit3 import VARIANTS
-
-        if args.variant not in VARIANTS:
-            raise SystemExit(f"unknown variant {args.variant!r}; one of {sorted(VARIANTS)}")
-        overrides["heads"] = VARIANTS[args.variant]["heads"]
-    if args.heads:
-        overrides["heads"] = args.heads
-    cfg = conv.infer_config(inner, **overrides)
-    if args.variant:
-        want = {k: VARIANTS[args.variant][k] for k in ("dim", "depth", "mlp_dim")}
-        got = {k: getattr(cfg, k) for k in want}
-        if got != want:
-            raise SystemExit(f"checkpoint has {got}, variant {args.variant!r} has {want}")
-    meta = {"model": args.model, "config": dataclasses.asdict(cfg),
-            "source": os.path.abspath(args.input)}
-    if args.model == "oneref":
-        from refjax.convert import oneref
-
-        variables, report = oneref.from_torch(sd, cfg, strict=True)
-        meta["use_seg_head"] = "batch_stats" in variables
-        print(report.summary())
-        save_params(args.output, variables["params"], meta,
-                    batch_stats=variables.get("batch_stats"))
-        head = "REC+RES" if meta["use_seg_head"] else "REC"
-        print(f"wrote {args.output} (OneRef {head}, BEiT-3 dim={cfg.dim} depth={cfg.depth} "
-              f"img={cfg.img_size})")
-        return 0
-    params, report = conv.from_torch(sd, cfg, strict=True)
-    print(report.summary())
-    save_params(args.output, params, meta)
-    print(f"wrote {args.output} (BEiT-3 dim={cfg.dim} depth={cfg.depth} img={cfg.img_size})")
+    if args.model not in cli.MODELS:
+        raise UserError(f"unknown model {args.model!r} for convert (supported: {cli.MODELS})")
+    print(cli.convert_beit3(args.input, args.output, model=args.model, img_size=args.img_size,
+                            heads=args.heads, variant=args.variant, scan=not args.no_scan))
     return 0
 
 
@@ -82,14 +49,31 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
-def _predict(args: argparse.Namespace) -> int:
+def _read_image(path: str):
     import numpy as np
-    from PIL import Image
+    from PIL import Image, UnidentifiedImageError
 
+    if not os.path.isfile(path):
+        raise UserError(f"image {path!r} does not exist")
+    try:
+        with Image.open(path) as im:
+            return np.asarray(im.convert("RGB"))
+    except (UnidentifiedImageError, OSError) as e:
+        raise UserError(f"cannot read image {path!r}: {e}") from e
+
+
+def _require_workdir(path: str) -> None:
+    if not os.path.isdir(path):
+        raise UserError(f"workdir {path!r} does not exist")
+
+
+def _predict(args: argparse.Namespace) -> int:
     from refjax.predict import Predictor
 
-    with Image.open(args.image) as im:
-        image = np.asarray(im.convert("RGB"))
+    if not args.text.strip():
+        raise UserError("--text is empty: give the referring expression to ground")
+    _require_workdir(args.workdir)
+    image = _read_image(args.image)
     predictor = Predictor.from_workdir(args.workdir, step=args.step)
     pred = predictor.predict(image, args.text)
     box = ", ".join(f"{v:.1f}" for v in pred["box_xyxy"])
@@ -106,7 +90,10 @@ def _load_config(args: argparse.Namespace):
     from refjax.train.config import apply_overrides, load_config
 
     config = load_config(args.config)
-    apply_overrides(config, args.set or [])
+    try:
+        apply_overrides(config, args.set or [])
+    except KeyError as e:
+        raise UserError(str(e.args[0]) if e.args else str(e)) from e
     return config
 
 
@@ -115,7 +102,8 @@ def _train(args: argparse.Namespace) -> int:
 
     from refjax.train.trainer import train
 
-    result = train(_load_config(args), args.workdir)
+    result = train(_load_config(args), args.workdir, resume=args.resume,
+                   overwrite=args.overwrite)
     print(json.dumps(result, indent=2, sort_keys=True))
     return 0
 
@@ -125,6 +113,7 @@ def _eval(args: argparse.Namespace) -> int:
 
     from refjax.train.trainer import evaluate
 
+    _require_workdir(args.workdir)
     config = _load_config(args) if args.config else None
     splits = [s for s in args.splits.split(",") if s] if args.splits else None
     result = evaluate(config, args.workdir, splits, args.step)
@@ -140,6 +129,7 @@ def main(argv: list[str] | None = None) -> int:
     for noisy in ("absl", "orbax", "jax", "tensorflow_datasets", "grain"):
         logging.getLogger(noisy).setLevel(logging.WARNING)  # keep refjax's own INFO readable
     p = argparse.ArgumentParser(prog="refjax", description=__doc__)
+    p.add_argument("--debug", action="store_true", help="show tracebacks of errors")
     sub = p.add_subparsers(dest="cmd", required=True)
 
     b = sub.add_parser("build-data", help="build a TFDS dataset (ArrayRecord)")
@@ -148,6 +138,8 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--config", default=None, help="builder config (refshapes: tiny | default)")
     b.add_argument("--data-dir", default=os.path.expanduser("~/tensorflow_datasets"))
     b.add_argument("--manual-dir", default=None, help="where the raw files of real data are")
+    b.add_argument("--skip-bad-records", action="store_true",
+                   help="skip and count bad records instead of failing on the first")
     b.set_defaults(fn=_build_data)
 
     c = sub.add_parser("convert", help="convert a PyTorch checkpoint to an Orbax checkpoint")
@@ -185,6 +177,10 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--config", required=True, help="configs/oneref/rec_res.py:tiny[,task=res]")
     t.add_argument("--workdir", required=True)
     t.add_argument("--set", action="append", metavar="KEY=VALUE", help="config override")
+    t.add_argument("--resume", action="store_true",
+                   help="continue a run in --workdir even if its saved config differs")
+    t.add_argument("--overwrite", action="store_true",
+                   help="discard a run in --workdir whose saved config differs, start afresh")
     t.set_defaults(fn=_train)
 
     e = sub.add_parser("eval", help="evaluate a train workdir's checkpoint")
@@ -196,7 +192,24 @@ def main(argv: list[str] | None = None) -> int:
     e.set_defaults(fn=_eval)
 
     args = p.parse_args(argv)
-    return args.fn(args)
+    if args.debug:
+        return args.fn(args)
+    try:
+        return args.fn(args)
+    except _user_errors() as e:
+        msg = str(e.args[0]) if isinstance(e, KeyError) and e.args else str(e)
+        print(f"refjax {args.cmd}: error: {msg} (--debug shows the traceback)", file=sys.stderr)
+        return 2
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    """Errors that describe a mistake in the inputs (one line, no traceback)."""
+    from refjax.convert.common import ConversionError
+    from refjax.data.errors import BadRecordError
+    from refjax.train.trainer import ConfigMismatchError
+
+    return (UserError, FileNotFoundError, FileExistsError, NotADirectoryError, PermissionError,
+            BadRecordError, ConversionError, ConfigMismatchError, KeyError, ValueError)
 
 
 if __name__ == "__main__":

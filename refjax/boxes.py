@@ -191,3 +191,14 @@ def mask_ioa(cands: np.ndarray, region: np.ndarray) -> np.ndarray:
     inter = (c & r[None]).sum(axis=(-2, -1)).astype(np.float64)
     area = c.sum(axis=(-2, -1)).astype(np.float64)
     return np.where(area > 0, inter / np.maximum(area, 1), 0.0).astype(np.float32)
+
+
+def upsample_seg_logits(seg_logits: Array, size: tuple[int, int]) -> Array:
+    """Bilinear resize of ``(B, h, w)`` logits to ``size`` in float32 with half-pixel centres,
+    equal to torch ``F.interpolate(mode='bilinear', align_corners=False)`` for upsampling."""
+    import jax
+    import jax.numpy as jnp
+
+    b = seg_logits.shape[0]
+    x = jnp.asarray(seg_logits, jnp.float32)
+    return jax.image.resize(x, (b, *size), method="bilinear", antialias=False)

@@ -2,8 +2,8 @@
 
 A tiny fp32 RES config with every loss term on (so the box, box-mask and seg heads, and the
 BatchNorm layers, all get gradients), a deterministic numpy batch, and a runner that builds the
-sharded state with the trainer's own ``create_train_state`` / ``make_train_step`` /
-``jit_steps`` on a given mesh and layout.
+sharded state and steps with the trainer's own setup chain (``refjax.train.setup.build``) on a
+given mesh and layout.
 """
 
 from __future__ import annotations
@@ -12,17 +12,16 @@ import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-import flax.linen as nn
 import jax
 import ml_collections
 import numpy as np
 from jax.experimental import multihost_utils
 
 from refjax import parallel
+from refjax.train import setup
 from refjax.train.config import load_config
-from refjax.train.optim import make_optimizer
-from refjax.train.state import TrainState, build_model, create_train_state
-from refjax.train.steps import jit_steps, make_eval_step, make_train_step
+from refjax.train.state import TrainState
+from refjax.train.steps import local_rows
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GLOBAL_BATCH = 8
@@ -55,6 +54,7 @@ def tiny_config() -> ml_collections.ConfigDict:
     config.data.batch_size = GLOBAL_BATCH
     config.optim.update(lr=1e-2, schedule="constant", warmup_steps=0, eps=1e-3,
                         weight_decay=1e-4, grad_clip_norm=0.0, accum_steps=1, frozen="")
+    config.train.seed = SEED
     config.loss.update(use_box_loss=True, use_box_mask_constraint=True, use_seg_loss=True)
     return config
 
@@ -122,29 +122,23 @@ def run_train_steps(
     with ``keep_initial`` also ``initial`` (``flat_variables`` before the first step).
     """
     config = tiny_config()
-    model = build_model(config)
-    tx, _ = make_optimizer(config.optim, total_steps=len(local_batches))
     mesh = parallel.create_mesh(mesh_cfg, devices)
-    rules = parallel.rules_for(layout)
     global_shapes = {k: (v.shape[0] * jax.process_count(), *v.shape[1:])
                      for k, v in local_batches[0].items()}
     sample = {k: np.zeros(s, local_batches[0][k].dtype) for k, s in global_shapes.items()}
-    state, shardings = create_train_state(config, model, tx, mesh, rules, SEED, sample)
-    train_step, eval_step = jit_steps(
-        make_train_step(model, tx, config), make_eval_step(model, config), shardings, mesh
-    )
+    s = setup.build(config, total_steps=len(local_batches), mesh=mesh,
+                    rules=parallel.rules_for(layout), sample_batch=sample)
+    state = s.state
     losses, metrics = [], {}
     out: dict[str, Any] = {}
     if keep_initial:
         out["initial"] = flat_variables(state)
-    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    with s.activate():
         for local in local_batches:
-            state, metrics = train_step(state, parallel.host_batch_to_global(local, mesh))
+            state, metrics = s.train_step(state, s.global_batch(local))
             losses.append(float(metrics["loss"]))
         if eval_batch is not None:
-            from refjax.train.steps import local_rows
-
-            per_sample = eval_step(state, parallel.host_batch_to_global(eval_batch, mesh))
+            per_sample = s.eval_step(state.variables(), s.global_batch(eval_batch))
             out["eval"] = {k: local_rows(v) for k, v in per_sample.items()}
     out.update(state=state, losses=losses, metrics=jax.tree.map(np.asarray, metrics))
     return out

@@ -33,5 +33,6 @@ def test_convert_beit3_cli_roundtrip(tmp_path, capsys):
                                  jnp.zeros((1, 64, 64, 3)))
     assert outp.shape == (1, 17 + 5, 64) and np.isfinite(np.asarray(outp)).all()
 
-    with pytest.raises(FileExistsError):  # never overwrites
-        main(["convert", "beit3", inp, out])
+    assert main(["convert", "beit3", inp, out]) == 2  # never overwrites: a one-line error
+    with pytest.raises(FileExistsError):
+        main(["--debug", "convert", "beit3", inp, out])

@@ -7,6 +7,7 @@ import numpy as np
 from PIL import Image
 
 from refjax import demo
+from refjax.data.builders.refshapes import VERSION
 from refjax.data.tokenizers import BEIT3_FILE, load_beit3_tokenizer
 from tests.data_fixtures import refshapes_tiny_dir  # noqa: F401
 from tests.test_predict import _predictor
@@ -14,7 +15,7 @@ from tests.test_predict import _predictor
 
 def test_demo_config_trains_box_and_mask(tmp_path):
     config = demo.demo_config(str(tmp_path / "data"), "tiny", ["train.total_steps=7"])
-    assert config.model.use_seg_head and config.data.task == "res"
+    assert config.model.use_seg_head and config.task == "res"
     assert config.loss.use_box_loss and config.loss.use_seg_loss
     assert config.data.data_dir == str(tmp_path / "data") and config.data.dataset_config == "tiny"
     assert config.train.total_steps == 7
@@ -27,7 +28,7 @@ def test_sample_and_write_report(refshapes_tiny_dir, tmp_path):  # noqa: F811
     assert all(
         ex["num_targets"] > 0 and ex["mask"].shape == ex["image"].shape[:2] for ex in examples
     )
-    path = os.path.join(refshapes_tiny_dir, "refshapes", "tiny", "1.0.0", BEIT3_FILE)
+    path = os.path.join(refshapes_tiny_dir, "refshapes", "tiny", VERSION, BEIT3_FILE)
     predictor = _predictor(load_beit3_tokenizer(path), seg=True)
     metrics = {"val": {"count": 5.0, "acc@0.5": 0.4, "spatial/count": 2.0, "spatial/acc@0.5": 0.5}}
     table = demo.write_report(str(tmp_path), metrics, predictor, examples, {"wall_time_s": 1.0})

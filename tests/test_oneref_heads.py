@@ -8,13 +8,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from refjax.boxes import upsample_seg_logits
 from refjax.models.oneref import (
     LOGIT_SCALE_INIT,
     BatchNorm,
     ConvTranspose2x2,
     OneRef,
     OneRefHeads,
-    upsample_seg_logits,
 )
 from tests.torch_util import require_torch
 

@@ -11,7 +11,19 @@ from ml_collections import ConfigDict
 from refjax.losses.oneref import dice, oneref_loss, patch_targets, sigmoid_focal
 from tests.torch_util import require_torch
 
-BOX_ONLY = {"use_box_loss": True}
+OFF = {"use_box_loss": False, "use_box_mask_constraint": False, "use_seg_loss": False}
+
+
+def loss_cfg(**kw) -> ConfigDict:
+    """The OneRef loss section of ``configs/oneref/rec_res.py`` (every key) with overrides."""
+    from refjax.train.config import load_config
+
+    cfg = load_config("configs/oneref/rec_res.py:tiny").loss
+    cfg.update(kw)
+    return cfg
+
+
+BOX_ONLY = loss_cfg(**(OFF | {"use_box_loss": True}))
 
 
 def _sig(x: float) -> float:
@@ -86,7 +98,7 @@ def _random_case(b: int, seed: int = 0, grid: int = 4, canvas: int = 32):
     return outputs, batch
 
 
-ALL_ON = {"use_box_loss": True, "use_box_mask_constraint": True, "use_seg_loss": True}
+ALL_ON = loss_cfg(use_box_loss=True, use_box_mask_constraint=True, use_seg_loss=True)
 
 
 def test_padded_rows_change_nothing():
@@ -127,13 +139,13 @@ def test_switches_and_weights():
         + 2 * m["loss_seg_dice"]
     )
     assert float(m["loss"]) == pytest.approx(float(want), rel=1e-6)
-    cfg = ConfigDict({"use_box_loss": False, "use_seg_loss": True, "seg_dice": 5.0})
+    cfg = loss_cfg(**(OFF | {"use_seg_loss": True, "seg_dice": 5.0}))
     loss, m2 = oneref_loss(outputs, batch, cfg)
     assert set(m2) == {"loss", "loss_seg_focal", "loss_seg_dice"}
     want = 20 * m["loss_seg_focal"] + 5 * m["loss_seg_dice"]
     assert float(loss) == pytest.approx(float(want), rel=1e-6)
-    loss_default, m3 = oneref_loss({"box": outputs["box"]}, batch)  # defaults: box terms only
-    assert set(m3) == {"loss", "loss_l1", "loss_giou"}
+    with pytest.raises(KeyError, match="lacks '"):  # no silent default for a missing key
+        oneref_loss({"box": outputs["box"]}, batch, {"use_box_loss": True})
 
 
 def test_full_loss_matches_torch_reference():

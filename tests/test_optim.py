@@ -14,7 +14,14 @@ from refjax.train import optim
 
 
 def _cfg(**kw):
-    return ml_collections.ConfigDict(kw)
+    """A complete optimizer section (every key is required) with ``kw`` overriding."""
+    from configs.common import optim_section
+
+    weight_decy = kw.pop("weight_decy", None)  # a misspelt key, kept to test the error
+    cfg = ml_collections.ConfigDict(optim_section(**kw))
+    if weight_decy is not None:
+        cfg["weight_decy"] = weight_decy
+    return cfg
 
 
 def _step(tx, params, grads, state):
@@ -58,6 +65,9 @@ def test_epoch_cosine_matches_oneref_lambdalr():
 def test_unknown_keys_and_schedules_raise():
     with pytest.raises(KeyError, match="weight_decy"):
         optim.make_optimizer(_cfg(lr=1.0, weight_decy=0.1), 10)
+    partial = ml_collections.ConfigDict({"lr": 1.0, "schedule": "constant"})
+    with pytest.raises(KeyError, match="lacks .*'b1'"):  # no silent defaults
+        optim.make_optimizer(partial, 10)
     with pytest.raises(ValueError, match="unknown schedule"):
         optim.make_optimizer(_cfg(lr=1.0, schedule="linear"), 10)
 

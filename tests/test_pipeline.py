@@ -42,23 +42,28 @@ class CorruptSource:
 
 
 def _cfg(data_dir, task, **kw):
-    return (
-        dict(
-            task=task,
-            dataset="refshapes",
-            dataset_config="tiny",
-            data_dir=data_dir,
-            image_size=SIZE,
-            max_text_len=MAX_LEN,
-            batch_size=8,
-        )
-        | kw
-    )
+    return task, data_fixtures.data_config(data_dir, image_size=SIZE, max_text_len=MAX_LEN, **kw)
+
+
+def data_task(name):
+    """The DataTask of a task name at the test's sizes."""
+    from refjax.tasks.mrefm import MRefMData
+    from refjax.tasks.oneref import OneRefData
+    from refjax.tasks.ras import RASData
+
+    return {
+        "rec": lambda: OneRefData(SIZE, MAX_LEN, 7, box_mask=True),
+        "res": lambda: OneRefData(SIZE, MAX_LEN, 7, box_mask=False),
+        "mrefm": lambda: MRefMData(SIZE, MAX_LEN, 6, patch=16),
+        "ras": lambda: RASData(SIZE, MAX_LEN),
+    }[name]()
 
 
 def _pipe(cfg, split, train, pi=0, pc=1, source=None, seed=0):
+    name, data = cfg
     return pl.make_pipeline(
-        cfg, split, train=train, seed=seed, process_index=pi, process_count=pc, source=source
+        data, split, task=data_task(name), train=train, seed=seed, process_index=pi,
+        process_count=pc, source=source,
     )
 
 
@@ -239,11 +244,11 @@ def test_resume_with_workers_through_orbax(refshapes_tiny_dir, tmp_path):
 def test_to_global(refshapes_tiny_dir):
     import jax
 
-    from refjax.parallel import create_mesh
+    from refjax.parallel import create_mesh, host_batch_to_global
 
     with _pipe(_cfg(refshapes_tiny_dir, "rec"), "val", False) as ev:
         batch = next(ev)
-    g = pl.to_global(batch, create_mesh({"data": 8}))
+    g = host_batch_to_global(batch, create_mesh({"data": 8}))
     assert isinstance(g["image"], jax.Array) and g["image"].shape == batch["image"].shape
     assert len(g["image"].sharding.device_set) == 8
     np.testing.assert_array_equal(np.asarray(g["text_ids"]), batch["text_ids"])
@@ -290,8 +295,8 @@ def test_dead_worker_process_raises_instead_of_hanging():
 
 def test_timeout_passes_batches_and_errors_through(refshapes_tiny_dir):
     cfg = _cfg(refshapes_tiny_dir, "rec", next_timeout_s=60.0)
-    plain = pl.make_pipeline(_cfg(refshapes_tiny_dir, "rec"), "val", train=False, seed=0)
-    with pl.make_pipeline(cfg, "val", train=False, seed=0) as timed:
+    plain = _pipe(_cfg(refshapes_tiny_dir, "rec"), "val", False)
+    with _pipe(cfg, "val", False) as timed:
         assert timed.timeout_s == 60.0
         for a, b in zip(plain, timed):
             np.testing.assert_array_equal(a["text_ids"], b["text_ids"])

@@ -10,7 +10,12 @@ from refjax.data.errors import BadRecordError
 from refjax.data.tokenizers import load_beit3_tokenizer, train_tokenizers
 from refjax.models.beit3 import beit3_config
 from refjax.models.oneref import OneRef
-from refjax.predict import Predictor, canvas_box_to_original, letterbox_of
+from refjax.predict import (
+    OneRefPredictor,
+    Predictor,
+    canvas_box_to_original,
+    letterbox_of,
+)
 from tests.test_oneref_heads import _random_variables
 
 SIZE, MAX_LEN = 64, 12
@@ -23,7 +28,7 @@ def tokenizer(tmp_path_factory):
     return load_beit3_tokenizer(paths["beit3"])
 
 
-def _predictor(tokenizer, seg: bool) -> Predictor:
+def _predictor(tokenizer, seg: bool) -> OneRefPredictor:
     cfg = beit3_config("tiny", depth=1, img_size=SIZE, vocab_size=128, max_source_positions=32)
     model = OneRef(cfg, use_seg_head=seg)
     abstract = jax.eval_shape(
@@ -33,8 +38,11 @@ def _predictor(tokenizer, seg: bool) -> Predictor:
         np.zeros((1, MAX_LEN), np.int32),
         np.zeros((1, SIZE, SIZE, 3), np.float32),
     )
-    config = ml_collections.ConfigDict({"data": {"image_size": SIZE, "max_text_len": MAX_LEN}})
-    return Predictor(model, _random_variables(abstract, seed=1), config, tokenizer)
+    config = ml_collections.ConfigDict({"data": {
+        "image_size": SIZE, "max_text_len": MAX_LEN,
+        "image_mean": (0.485, 0.456, 0.406), "image_std": (0.229, 0.224, 0.225),
+    }})
+    return OneRefPredictor(model, _random_variables(abstract, seed=1), config, tokenizer)
 
 
 @pytest.fixture(scope="module")
@@ -134,10 +142,12 @@ def test_cli_predict(res, tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(Predictor, "from_workdir", classmethod(fake_from_workdir))
     Image.fromarray(_image(50, 80)).save(tmp_path / "in.png")
     out = tmp_path / "pred.png"
+    workdir = str(tmp_path / "run")
+    (tmp_path / "run").mkdir()
     argv = [
         "predict",
         "--workdir",
-        "runs/x",
+        workdir,
         "--step",
         "5",
         "--image",
@@ -148,6 +158,40 @@ def test_cli_predict(res, tmp_path, monkeypatch, capsys):
         str(out),
     ]
     assert main(argv) == 0
-    assert seen == {"workdir": "runs/x", "step": 5}
+    assert seen == {"workdir": workdir, "step": 5}
     assert Image.open(out).size == (80, 50)
     assert "box_xyxy=" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["predict", "--workdir", "{tmp}", "--image", "{tmp}/none.png", "--text", "a"],
+         "image '{tmp}/none.png' does not exist"),
+        (["predict", "--workdir", "{tmp}/absent", "--image", "{tmp}/in.png", "--text", "a"],
+         "workdir '{tmp}/absent' does not exist"),
+        (["predict", "--workdir", "{tmp}", "--image", "{tmp}/in.png", "--text", "  "],
+         "--text is empty"),
+        (["predict", "--workdir", "{tmp}", "--image", "{tmp}/bad.png", "--text", "a"],
+         "cannot read image '{tmp}/bad.png'"),
+        (["train", "--config", "configs/oneref/rec_res.py:tiny", "--workdir", "{tmp}/w",
+          "--set", "model.dimm=3"], "unknown config key 'model.dimm'"),
+        (["eval", "--workdir", "{tmp}/absent"], "workdir '{tmp}/absent' does not exist"),
+        (["train", "--config", "configs/oneref/nothere.py", "--workdir", "{tmp}/w"],
+         "config file not found: configs/oneref/nothere.py"),
+    ],
+)
+def test_cli_reports_user_mistakes_in_one_line(tmp_path, capsys, argv, message):
+    from PIL import Image
+
+    from refjax.__main__ import main
+
+    Image.fromarray(_image(20, 30)).save(tmp_path / "in.png")
+    (tmp_path / "bad.png").write_bytes(b"not a png")
+    argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "Traceback" not in err, err
+    assert message.replace("{tmp}", str(tmp_path)) in err, err
+    with pytest.raises((OSError, ValueError, KeyError)):  # --debug: the real exception
+        main(["--debug", *argv])

@@ -13,8 +13,9 @@ import tensorflow_datasets as tfds
 from pycocotools.coco import COCO
 
 from refjax.boxes import mask_iou, mask_to_box, xywh_to_xyxy, xyxy_to_xywh
+from refjax.data import build
 from refjax.data.builders import coco_common as cc
-from refjax.data.builders import grefcoco, maskgroups_hq, refcoco
+from refjax.data.builders import refcoco
 from refjax.data.errors import BadRecordError
 from refjax.data.images import read_image_file
 from refjax.data.schema import EXPRESSIONS_PER_RECORD
@@ -25,8 +26,8 @@ pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:Depreca
 
 
 # ------------------------------------------------------------------------------- helpers
-def prepare(module, name: str, raw: Path, data_dir: Path, config=None, **kw):
-    b = module.builder_for(name, config, data_dir, raw, **kw)
+def prepare(name: str, raw: Path, data_dir: Path, config=None, **kw):
+    b = build.get_builder(name, config, data_dir, raw, **kw)
     b.download_and_prepare()
     return b
 
@@ -49,7 +50,8 @@ def expressions(rec: dict) -> list[dict]:
         r0, rn = int(ex["ref_start"][k]), int(ex["ref_count"][k])
         targets = [int(i) for i in rec["expr_targets"][t0 : t0 + tn]]
         refs = [int(i) for i in rec["expr_refs"][r0 : r0 + rn]]
-        out.append({"id": s(ex["id"][k]), "text": s(ex["text"][k]), "kind": s(ex["kind"][k]),
+        out.append({"id": s(ex["id"][k]), "text": s(ex["text"][k]), "raw": s(ex["raw"][k]),
+                    "kind": s(ex["kind"][k]),
                     "targets": targets, "target_ids": [int(ids[i]) for i in targets],
                     "refs": refs})
     return out
@@ -118,21 +120,21 @@ def check_coco_scene(rec: dict, fx: rf.CocoFixture, coco: COCO) -> None:
 def refcoco_built(tmp_path_factory):
     root = tmp_path_factory.mktemp("refcoco")
     fx = rf.write_refcoco(root / "raw")
-    return fx, prepare(refcoco, "refcoco", fx.root, root / "data")
+    return fx, prepare("refcoco", fx.root, root / "data")
 
 
 @pytest.fixture(scope="module")
 def grefcoco_built(tmp_path_factory):
     root = tmp_path_factory.mktemp("grefcoco")
     fx = rf.write_grefcoco(root / "raw")
-    return fx, prepare(grefcoco, "grefcoco", fx.root, root / "data")
+    return fx, prepare("grefcoco", fx.root, root / "data")
 
 
 @pytest.fixture(scope="module")
 def maskgroups_built(tmp_path_factory):
     root = tmp_path_factory.mktemp("maskgroups")
     fx = rf.write_maskgroups_hq(root / "raw")
-    return fx, prepare(maskgroups_hq, "maskgroups_hq", fx.root, root / "data")
+    return fx, prepare("maskgroups_hq", fx.root, root / "data")
 
 
 # ------------------------------------------------------------------------------- RefCOCO
@@ -154,11 +156,15 @@ def test_refcoco_records(refcoco_built):
             exp = per_image[int(s(rec["image/id"]))]
             assert [(e["id"], e["target_ids"][0]) for e in got] == exp
             assert all(e["kind"] == "refcoco" and len(e["targets"]) == 1 for e in got)
-            assert all(e["text"] == s(sentence(fx.refs, r["ref_id"], int(e["id"]))["sent"])
-                       for e in got for r in fx.refs if int(e["id"]) in r["sent_ids"])
+            for e in got:
+                ref = next(r for r in fx.refs if int(e["id"]) in r["sent_ids"])
+                sent = sentence(fx.refs, ref["ref_id"], int(e["id"]))
+                # text: refer's normalised sent; raw: the sentence as written
+                assert (e["text"], e["raw"]) == (sent["sent"], sent["raw"])
+                assert e["raw"] != e["text"] and e["raw"].endswith(".")
             assert len(rec["pool"]["mask"]) == 0 and len(rec["pool_ioa"]) == 0
     assert b.info.metadata[cc.SKIPPED_BAD_RECORDS]["train"] == {
-        "records": 0, "objects": 0, "expressions": 0}
+        "records": 0, "objects": 0, "expressions": 0, "refs": 0}
     # the metadata survives a reload from the directory
     again = tfds.builder_from_directory(b.data_dir)
     assert again.info.metadata[EXPRESSIONS_PER_RECORD]["train"] == [3, 1]
@@ -171,18 +177,23 @@ def test_refcoco_jpeg_stored_as_given(refcoco_built):
         assert rec["image"] == fx.image_path(int(s(rec["image/id"]))).read_bytes()
 
 
-def test_refcoco_plus_layout_and_builder_for(tmp_path):
+def test_refcoco_plus_layout_and_get_builder(tmp_path):
     fx = rf.write_refcoco(tmp_path / "raw", dataset="refcoco+")
-    path = refcoco.build("refcoco+", None, tmp_path / "data", fx.root)
-    assert path == str(tmp_path / "data" / refcoco.tfds_name("refcoco+") / "unc" / "1.0.0")
+    path = build.build_dataset("refcoco+", None, tmp_path / "data", fx.root)
+    version = str(cc.SceneBuilder.VERSION)
+    assert version == "1.1.0"
+    assert path == str(tmp_path / "data" / "refcoco_plus" / "unc" / version)
+    assert refcoco.BUILDERS["refcoco+"].name == "refcoco_plus"
     b = tfds.builder_from_directory(path)
     assert (b.name, b.builder_config.name) == ("refcoco_plus", "unc")
     assert len(records(b, "train")) == 2
-    g = refcoco.builder_for("refcocog", None, tmp_path / "d", fx.root)
+    g = build.get_builder("refcocog", None, tmp_path / "d", fx.root)
     assert (g.name, g.builder_config.name) == ("refcocog", "umd")
-    assert refcoco.builder_for("refcoco", "google", tmp_path, None).builder_config.name == "google"
+    assert build.get_builder("refcoco", "google", tmp_path, None).builder_config.name == "google"
     with pytest.raises(ValueError, match="unknown dataset"):
-        refcoco.builder_for("refclef", None, tmp_path, None)
+        build.get_builder("refclef", None, tmp_path, None)
+    with pytest.raises(ValueError, match="not a real-data builder"):
+        build.get_builder("refshapes", "tiny", tmp_path, None)
 
 
 def _remove(path: Path) -> None:
@@ -220,7 +231,7 @@ def test_refcoco_bad_input_names_record_and_field(tmp_path, case):
     fx = rf.write_refcoco(tmp_path / "raw")
     mutate(fx)
     with pytest.raises(BadRecordError) as err:
-        prepare(refcoco, "refcoco", fx.root, tmp_path / "data")
+        prepare("refcoco", fx.root, tmp_path / "data")
     assert (err.value.record_id, err.value.field) == (record_id, field)
     assert record_id in str(err.value) and field in str(err.value) and words in str(err.value)
 
@@ -230,11 +241,12 @@ def test_refcoco_skip_bad_records_counts(tmp_path):
     _remove(fx.image_path(102))  # train record (1 expression)
     edit_instances(fx, 1002, lambda a: a["bbox"].__setitem__(3, 0))  # object + ref 2 (1 expr)
     edit_refs(fx, lambda r: sentence(r, 4, 15).update(sent=""))  # one val expression
-    b = prepare(refcoco, "refcoco", fx.root, tmp_path / "data", skip_bad_records=True)
+    b = prepare("refcoco", fx.root, tmp_path / "data", skip_bad_records=True)
     skipped = b.info.metadata[cc.SKIPPED_BAD_RECORDS]
-    assert skipped["train"] == {"records": 1, "objects": 1, "expressions": 2}
-    assert skipped["val"] == {"records": 0, "objects": 0, "expressions": 1}
-    assert skipped["testA"] == {"records": 0, "objects": 0, "expressions": 0}
+    # train: image 102 (ref 3, 1 sentence) and annotation 1002 (ref 2, 1 sentence) dropped
+    assert skipped["train"] == {"records": 1, "objects": 1, "expressions": 2, "refs": 2}
+    assert skipped["val"] == {"records": 0, "objects": 0, "expressions": 1, "refs": 0}
+    assert skipped["testA"] == {"records": 0, "objects": 0, "expressions": 0, "refs": 0}
     (train,) = records(b, "train")
     assert [int(i) for i in train["objects"]["id"]] == [1001, 1003]
     assert [(e["id"], e["target_ids"]) for e in expressions(train)] == [
@@ -242,6 +254,85 @@ def test_refcoco_skip_bad_records_counts(tmp_path):
     (val,) = records(b, "val")
     assert [e["id"] for e in expressions(val)] == ["14"]
     assert b.info.metadata[EXPRESSIONS_PER_RECORD] == {"train": [2], "val": [1], "testA": [2]}
+
+
+def test_refcoco_ref_without_sentences_is_a_counted_skip(tmp_path):
+    fx = rf.write_refcoco(tmp_path / "raw")
+    edit_refs(fx, lambda r: r[2].update(sentences=[], sent_ids=[]))  # ref 3, image 102's only
+    b = prepare("refcoco", fx.root, tmp_path / "data", skip_bad_records=True)
+    assert b.info.metadata[cc.SKIPPED_BAD_RECORDS]["train"] == {
+        "records": 0, "objects": 0, "expressions": 0, "refs": 1}
+    assert [int(s(r["image/id"])) for r in records(b, "train")] == [101]
+
+
+def test_refcoco_raw_falls_back_to_sent(tmp_path):
+    fx = rf.write_refcoco(tmp_path / "raw")
+    edit_refs(fx, lambda r: (sentence(r, 4, 14).pop("raw"), sentence(r, 4, 15).update(raw=" ")))
+    b = prepare("refcoco", fx.root, tmp_path / "data")
+    (val,) = records(b, "val")
+    assert [(e["text"], e["raw"]) for e in expressions(val)] == [
+        ("person right", "person right"), ("right one", "right one")]
+
+
+def _ref_target(ref_id: int, ann_id: int):
+    def mutate(fx):
+        edit_refs(fx, lambda r: next(x for x in r if x["ref_id"] == ref_id).update(ann_id=ann_id))
+    return mutate
+
+
+@pytest.mark.parametrize("ann_id, words", [
+    (1004, "annotation 1004 belongs to image 102, not to image 101"),
+    (9999, "annotation 9999 is not in instances.json"),
+])
+def test_refcoco_target_not_in_image_says_where_it_is(tmp_path, ann_id, words):
+    fx = rf.write_refcoco(tmp_path / "raw")
+    _ref_target(2, ann_id)(fx)  # ref 2 is on image 101
+    with pytest.raises(BadRecordError) as err:
+        prepare("refcoco", fx.root, tmp_path / "data")
+    assert (err.value.record_id, err.value.field) == ("ref:2", "ann_id")
+    assert words in str(err.value)
+
+
+EMPTY_SPLIT = {
+    # val holds one image (103, ref 4): its file is missing
+    "image_missing": (lambda fx: _remove(fx.image_path(103)), "val",
+                      ["image:103 (image): missing image file"], {"records": 1, "refs": 1}),
+    # testA holds refs 5 and 6 (image 104): both without sentences
+    "no_sentences": (
+        lambda fx: edit_refs(fx, lambda r: [x.update(sentences=[]) for x in r if x["ref_id"] > 4]),
+        "testA", ["ref:5 (sentences): ref has no sentences", "ref:6 (sentences)"], {"refs": 2}),
+}
+
+
+@pytest.mark.parametrize("case", sorted(EMPTY_SPLIT))
+def test_skip_mode_fails_on_a_split_with_every_record_skipped(tmp_path, case):
+    mutate, split, named, counts = EMPTY_SPLIT[case]
+    fx = rf.write_refcoco(tmp_path / "raw")
+    mutate(fx)
+    with pytest.raises(cc.EmptySplitError) as err:
+        prepare("refcoco", fx.root, tmp_path / "data", skip_bad_records=True)
+    msg = str(err.value)
+    assert err.value.split == split and f"split {split!r}" in msg and "refcoco" in msg
+    for words in named:
+        assert words in msg, msg
+    assert {k: v for k, v in err.value.summary.items() if v and k != "expressions"} == counts
+    assert isinstance(err.value, BadRecordError)  # a user error, like the others
+
+
+@pytest.mark.parametrize("name", ["refcoco", "grefcoco", "maskgroups_hq"])
+def test_build_dataset_passes_skip_bad_records(tmp_path, name):
+    if name == "maskgroups_hq":
+        fx = rf.write_maskgroups_hq(tmp_path / "raw")
+        (fx.root / "images" / "m1.jpg").unlink()  # train keeps m2.jpg
+    else:
+        fx = (rf.write_refcoco if name == "refcoco" else rf.write_grefcoco)(tmp_path / "raw")
+        _remove(fx.image_path(102))  # train keeps image 101
+    with pytest.raises(BadRecordError, match="missing image file"):
+        build.build_dataset(name, None, tmp_path / "strict", fx.root)
+    path = build.build_dataset(name, None, tmp_path / "data", fx.root, skip_bad_records=True)
+    b = tfds.builder_from_directory(path)
+    assert b.info.metadata[cc.SKIPPED_BAD_RECORDS]["train"]["records"] >= 1
+    assert len(records(b, "train")) >= 1
 
 
 # ------------------------------------------------------------------------------ gRefCOCO
@@ -271,21 +362,31 @@ def test_grefcoco_bad_input_and_skip(tmp_path):
     grefs = fx.root / "grefs(unc).json"
     edit_json(grefs, lambda refs: refs[2].update(no_target=True))  # ref 3: ann_id [1005]
     with pytest.raises(BadRecordError) as err:
-        prepare(grefcoco, "grefcoco", fx.root, tmp_path / "data")
+        prepare("grefcoco", fx.root, tmp_path / "data")
     assert (err.value.record_id, err.value.field) == ("ref:3", "ann_id")
     assert "no_target" in str(err.value)
 
     edit_json(grefs, lambda refs: refs[2].update(no_target=False))
     edit_json(grefs, lambda refs: refs[3]["sentences"][1].update(sent=""))  # ref 4, sent 24
     with pytest.raises(BadRecordError) as err:
-        prepare(grefcoco, "grefcoco", fx.root, tmp_path / "data2")
+        prepare("grefcoco", fx.root, tmp_path / "data2")
     assert (err.value.record_id, err.value.field) == ("ref:4/sent:24", "sentences.sent")
 
+    edit_json(grefs, lambda refs: refs[3]["sentences"][1].update(sent="both of them"))
+    edit_json(grefs, lambda refs: refs[0].update(ann_id=[1001, 1006, 4242]))  # on image 101
+    with pytest.raises(BadRecordError) as err:
+        prepare("grefcoco", fx.root, tmp_path / "data2b")
+    assert (err.value.record_id, err.value.field) == ("ref:1", "ann_id")
+    assert ("annotation 1006 belongs to image 103, not to image 101; "
+            "annotation 4242 is not in instances.json") in str(err.value)
+    edit_json(grefs, lambda refs: refs[0].update(ann_id=[1001, 1002]))
+    edit_json(grefs, lambda refs: refs[3]["sentences"][1].update(sent=""))
+
     edit_json(grefs, lambda refs: refs[2].update(no_target=True))
-    b = prepare(grefcoco, "grefcoco", fx.root, tmp_path / "data3", skip_bad_records=True)
+    b = prepare("grefcoco", fx.root, tmp_path / "data3", skip_bad_records=True)
     assert b.info.metadata[cc.SKIPPED_BAD_RECORDS] == {
-        "train": {"records": 0, "objects": 0, "expressions": 1},
-        "val": {"records": 0, "objects": 0, "expressions": 1},
+        "train": {"records": 0, "objects": 0, "expressions": 1, "refs": 1},
+        "val": {"records": 0, "objects": 0, "expressions": 1, "refs": 0},
     }
     assert [int(s(r["image/id"])) for r in records(b, "train")] == [101]  # 102 lost its ref
     assert [e["id"] for e in expressions(records(b, "val")[0])] == ["23", "25"]
@@ -335,6 +436,7 @@ def test_maskgroups_records(maskgroups_built):
     labels = np.asarray(ioa_rec["pool_ioa"]).reshape(2, -1)[0] >= 0.5
     assert labels.tolist() == [False, True, True, False, True]
     assert by_expr["mg-2:0"][1]["text"] == "All squares left of <mask-ref>."
+    assert all(e["raw"] == e["text"] for _, e in by_expr.values())  # the query is raw text
 
 
 MG_BAD = {
@@ -363,7 +465,7 @@ def test_maskgroups_bad_input_names_record_and_field(tmp_path, case):
     fx = rf.write_maskgroups_hq(tmp_path / "raw")
     _edit_mg(fx, mutate)
     with pytest.raises(BadRecordError) as err:
-        prepare(maskgroups_hq, "maskgroups_hq", fx.root, tmp_path / "data")
+        prepare("maskgroups_hq", fx.root, tmp_path / "data")
     assert (err.value.record_id, err.value.field) == (record_id, field)
     assert record_id in str(err.value) and words in str(err.value)
 
@@ -372,12 +474,12 @@ def test_maskgroups_missing_image_and_skip(tmp_path):
     fx = rf.write_maskgroups_hq(tmp_path / "raw")
     (fx.root / "images" / "m1.jpg").unlink()
     with pytest.raises(BadRecordError, match="missing image file") as err:
-        prepare(maskgroups_hq, "maskgroups_hq", fx.root, tmp_path / "data")
+        prepare("maskgroups_hq", fx.root, tmp_path / "data")
     assert (err.value.record_id, err.value.field) == ("mg-1", "image")
 
     fx = rf.write_maskgroups_hq(tmp_path / "raw2")
     _edit_mg(fx, lambda d: (MG_BAD["mask_ref_without_refs"][0](d), MG_BAD["gt_wrong_size"][0](d)))
-    b = prepare(maskgroups_hq, "maskgroups_hq", fx.root, tmp_path / "data2", skip_bad_records=True)
+    b = prepare("maskgroups_hq", fx.root, tmp_path / "data2", skip_bad_records=True)
     assert b.info.metadata[cc.SKIPPED_BAD_RECORDS] == {
         "train": {"records": 1, "objects": 0, "expressions": 3},
         "eval": {"records": 0, "objects": 0, "expressions": 0},
@@ -387,9 +489,9 @@ def test_maskgroups_missing_image_and_skip(tmp_path):
     assert b.info.metadata[EXPRESSIONS_PER_RECORD] == {"train": [1], "eval": [1]}
 
 
-def test_maskgroups_builder_for_rejects_config(tmp_path):
+def test_maskgroups_rejects_config(tmp_path):
     with pytest.raises(ValueError, match="no configs"):
-        maskgroups_hq.builder_for("maskgroups_hq", "x", tmp_path, None)
+        build.get_builder("maskgroups_hq", "x", tmp_path, None)
 
 
 # ------------------------------------------------------------------------------ helpers

@@ -185,3 +185,16 @@ def test_unknown_config_and_split():
         rs.get_config("huge")
     with pytest.raises(ValueError, match="split"):
         rs.generate_scene(rs.CONFIGS["tiny"], "test", 0)
+
+
+def test_public_names_and_split_modules():
+    """refjax.data.refshapes re-exports the rendering, language and expression modules."""
+    from refjax.data import refshapes_expressions, refshapes_render
+
+    for name in rs.__all__:
+        assert getattr(rs, name) is not None, name
+    assert rs.shape_mask is refshapes_render.shape_mask
+    assert rs.facts_from_masks is refshapes_render.facts_from_masks
+    assert rs.Expression is refshapes_expressions.Expression
+    e = rs.generate_scene(rs.CONFIGS["tiny"], "val", 0).expressions[0]
+    assert e.raw == e.text

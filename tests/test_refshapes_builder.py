@@ -11,6 +11,7 @@ import pytest
 from refjax import boxes as box_ops
 from refjax.data import build, sources
 from refjax.data import refshapes as rs
+from refjax.data.builders.refshapes import VERSION
 from refjax.data.errors import BadRecordError
 from refjax.data.tokenizers import BEIT3_FILE, LLAMA_FILE, load_beit3_tokenizer
 from tests.data_fixtures import refshapes_tiny_dir  # noqa: F401
@@ -41,6 +42,8 @@ def test_read_back_equals_generator(refshapes_tiny_dir, split):  # noqa: F811
             assert tuple(g["refs"]) == w.refs
             assert g["subject_span"] == w.subject_span and g["object_span"] == w.object_span
             index.append((i, j))
+        raw = src.raw[i]["expressions"]["raw"]  # stored beside text (equal for RefShapes)
+        assert [r.decode() for r in raw] == [w.text for w in want.expressions]
         np.testing.assert_array_equal(got["pool_masks"], want.pool_masks)
         assert got["pool_sources"] == want.pool_sources
         np.testing.assert_array_equal(got["pool_ioa"], want.pool_ioa)
@@ -52,7 +55,8 @@ def test_read_back_equals_generator(refshapes_tiny_dir, split):  # noqa: F811
 
 def test_files_and_ensure(refshapes_tiny_dir):  # noqa: F811
     path = sources.dataset_dir("refshapes", refshapes_tiny_dir, "tiny")
-    assert path == os.path.join(refshapes_tiny_dir, "refshapes", "tiny", "1.0.0")
+    assert VERSION == "1.1.0"  # bumped with the relation/centroid/agreement fixes
+    assert path == os.path.join(refshapes_tiny_dir, "refshapes", "tiny", VERSION)
     for f in (BEIT3_FILE, LLAMA_FILE, "metadata.json", "dataset_info.json"):
         assert os.path.isfile(os.path.join(path, f)), f
     stamp = os.path.getmtime(os.path.join(path, "dataset_info.json"))

@@ -98,8 +98,8 @@ def test_sigkill_and_resume_is_exact(refshapes_tiny_dir, tmp_path):  # noqa: F81
     assert sorted(want) == sorted(got) == [1, 2, 3, 4, 5, 6]
     assert [got[s] for s in range(1, 7)] == [want[s] for s in range(1, 7)]
 
-    _, va, _ = load_for_inference(straight, step=6)
-    _, vb, _ = load_for_inference(resumed, step=6)
+    _, _, va, _ = load_for_inference(straight, step=6)
+    _, _, vb, _ = load_for_inference(resumed, step=6)
     la, lb = jax.tree.leaves_with_path(va), jax.tree.leaves_with_path(vb)
     assert [p for p, _ in la] == [p for p, _ in lb]
     for (path, x), (_, y) in zip(la, lb):

@@ -200,12 +200,17 @@ def test_color_jitter_keeps_geometry():
 
 
 def test_stages_are_picklable():
+    from refjax.tasks.mrefm import MRefMData
+    from refjax.tasks.oneref import OneRefData
+    from refjax.tasks.ras import RASData
+
     for obj in (
         stages.EvalLetterbox(128, True),
         stages.Augment(128, False),
-        stages.Tokenize("/nonexistent", 16, True, False),
+        stages.Tokenize("/nonexistent", True, False, OneRefData(64, 16, 7, box_mask=True)),
+        stages.Expand([], False, MRefMData(64, 16, 6, patch=16)),
         stages.MRefMMask(128, 16, 5),
-        stages.Finalize(stages.Shapes("ras", 64, 16), keep_bad=True),
+        stages.Finalize(RASData(64, 16), keep_bad=True),
     ):
         assert type(pickle.loads(pickle.dumps(obj))) is type(obj)
 

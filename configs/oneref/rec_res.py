@@ -5,6 +5,7 @@ The first item picks the model size; the others, all optional::
     task=rec|res            box (Acc@0.5) or mask (mIoU) transfer                  [rec]
     dataset=refshapes|...   refjax dataset name (refcoco, refcoco+, refcocog, ...) [refshapes]
     stage=frozen|full       (a) frozen-backbone warm-up or (b) full fine-tune      [full]
+    data=default|tiny       the RefShapes builder config (tiny: a few dozen scenes) [default]
 
 ``tiny`` trains on RefShapes on a 2-core CPU (128 px, an 8x8 patch grid, 32 text tokens, the
 RefShapes tokenizer's vocabulary); ``base``/``large`` follow the released scripts (384 px,
@@ -15,12 +16,19 @@ setting an unknown key is an error.
 
 from __future__ import annotations
 
-import os
-
 import ml_collections
 
-VARIANTS = ("tiny", "base", "large")
-ARG_KEYS = {"task": ("rec", "res"), "stage": ("frozen", "full"), "dataset": None}
+from configs.common import (
+    default_data_dir,
+    mesh_section,
+    optim_section,
+    parse_arg,
+    train_section,
+)
+
+ARG_KEYS = {"task": ("rec", "res"), "stage": ("frozen", "full"), "dataset": None,
+            "data": ("default", "tiny")}
+ARG_DEFAULTS = {"task": "rec", "stage": "full", "dataset": "refshapes", "data": "default"}
 EVAL_SPLITS = {
     "refshapes": ("val", "testA", "testB"),
     "refcoco": ("val", "testA", "testB"),
@@ -29,33 +37,14 @@ EVAL_SPLITS = {
 }
 
 
-def parse_arg(arg: str | None) -> dict[str, str]:
-    """``"base,task=res"`` -> ``{"variant": "base", "task": "res", ...}`` with defaults filled."""
-    out = {"variant": "tiny", "task": "rec", "stage": "full", "dataset": "refshapes"}
-    items = [s.strip() for s in (arg or "").split(",") if s.strip()]
-    if items and "=" not in items[0]:
-        out["variant"] = items.pop(0)
-    if out["variant"] not in VARIANTS:
-        raise ValueError(f"unknown variant {out['variant']!r}; one of {VARIANTS}")
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or key not in ARG_KEYS:
-            raise ValueError(f"bad config arg item {item!r}; expected key=value, key in "
-                             f"{sorted(ARG_KEYS)}")
-        allowed = ARG_KEYS[key]
-        if allowed is not None and value not in allowed:
-            raise ValueError(f"{key}={value!r}: expected one of {allowed}")
-        out[key] = value
-    return out
-
-
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    a = parse_arg(arg)
+    a = parse_arg(arg, ARG_KEYS, ARG_DEFAULTS)
     variant, task, stage, dataset = a["variant"], a["task"], a["stage"], a["dataset"]
     tiny = variant == "tiny"
     res = task == "res"
     c = ml_collections.ConfigDict()
     c.arg = arg or ""
+    c.task = task  # the refjax.tasks registry name: rec | res
 
     # Model: None fields take the BEiT-3 variant's value (vocab_size: the tokenizer's size for
     # tiny, resolved at train start and saved with the config).
@@ -79,15 +68,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         seg_convs=3,  # RES head 2x upsampling stages: 3 = OneRef (H/2 with 16 px patches)
     )
 
-    # Data: the fields refjax.data.pipeline.make_pipeline reads (batch sizes are global).
+    # Data: the keys refjax.data.pipeline.make_pipeline reads (batch sizes are global).
     c.data = dict(
-        task=task,
         dataset=dataset,
-        dataset_config="default" if dataset == "refshapes" else None,
-        data_dir=os.environ.get("REFJAX_DATA_DIR", os.path.expanduser("~/tensorflow_datasets")),
+        dataset_config=a["data"] if dataset == "refshapes" else None,
+        data_dir=default_data_dir(),
         image_size=0,  # linked to model.img_size below
         max_text_len=32 if tiny else 64,
-        patch_size=0,  # linked to model.patch_size below
         batch_size=32 if tiny else 512 if stage == "frozen" else 256 if variant == "base" else 64,
         eval_batch_size=64 if tiny else 128,
         num_workers=0 if tiny else 8,
@@ -95,32 +82,20 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         prefetch_buffer=16 if tiny else 128,
         skip_bad_records=False,
         truncate_text=True,
-        tokenizer_path=None,
-        num_scales=None,
-        image_mean=None,
-        image_std=None,
+        tokenizer_path=None,  # None: the dataset's own tokenizer file
+        num_scales=7,  # OneRef's RandomResize long sides {384, 352, ..., 192}
+        image_mean=(0.485, 0.456, 0.406),  # ImageNet, as OneRef (not BEiT-3's 0.5)
+        image_std=(0.229, 0.224, 0.225),
         next_timeout_s=600.0,  # a batch slower than this is an error (stuck pipeline), not a hang
     )
-
     c.data.image_size = c.model.get_ref("img_size")
-    c.data.patch_size = c.model.get_ref("patch_size")
 
     # Optimizer: the keys refjax.train.optim.make_optimizer reads. frozen is one regex.
     if tiny:
-        c.optim = dict(lr=5e-4, schedule="warmup_cosine", warmup_steps=100, min_lr_ratio=0.01)
+        optim = dict(lr=5e-4, schedule="warmup_cosine", warmup_steps=100, min_lr_ratio=0.01)
     else:
-        c.optim = dict(lr=2.5e-4 if stage == "frozen" else 3e-5, schedule="epoch_cosine",
-                       warmup_steps=0, min_lr_ratio=0.0)
-    c.optim.update(
-        weight_decay=1e-4,
-        b1=0.9,
-        b2=0.999,
-        eps=1e-8,
-        wd_mask=None,
-        frozen="^beit3/" if stage == "frozen" else "",
-        grad_clip_norm=0.0,
-        accum_steps=1,
-    )
+        optim = dict(lr=2.5e-4 if stage == "frozen" else 3e-5, schedule="epoch_cosine")
+    c.optim = optim_section(**optim, frozen="^beit3/" if stage == "frozen" else "")
 
     # Loss (refjax.losses.oneref): REC stage (a) L1+GIoU, (b) + box-mask focal/dice; RES seg.
     c.loss = dict(
@@ -137,29 +112,21 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         focal_gamma=2.0,
     )
 
-    c.mesh = dict(data=-1, fsdp=1, tensor=1)
+    c.mesh = mesh_section()
     c.layout = "dp" if tiny else "fsdp"
 
-    c.train = dict(
-        total_steps=None,  # None: epochs x steps per epoch
+    c.train = train_section(
+        total_steps=3000 if tiny else None,
         epochs=(10 if stage == "frozen" else 20) if not tiny else 0.0,
         log_every=10 if tiny else 50,
         eval_every=500 if tiny else 2000,
         ckpt_every=500 if tiny else 2000,
-        keep=2,
         best_metric="miou" if res else "acc@0.5",
-        seed=13,
-        eval_max_batches=0,  # 0: whole split during training evals
-        async_checkpoint=True,
-        stop_after=0,  # >0: stop once step N's checkpoint is committed (see stop_hang)
-        stop_hang=False,  # with stop_after: block instead of returning (to be killed in tests)
-        progress=True,
     )
-    if tiny:
-        c.train.total_steps = 3000
 
     # init: a converted BEiT-3 checkpoint (refjax convert), a OneRef params checkpoint, or a
-    # refjax train workdir (its best checkpoint; stage (b) from stage (a)).
+    # refjax train workdir (its best checkpoint; stage (b) from stage (a), or transfer from an
+    # MRefM pretraining run: the pretraining heads are dropped, the backbone kept).
     c.init = None
     c.eval = dict(splits=EVAL_SPLITS.get(dataset, ("val", "test")))
     c.lock()

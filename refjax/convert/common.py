@@ -136,7 +136,7 @@ def load_state_dict(path: str, model_keys: tuple[str, ...] = ("model", "module")
 def save_safetensors(path: str, state_dict: Mapping[str, np.ndarray]) -> None:
     from safetensors.numpy import save_file
 
-    save_file({k: np.ascontiguousarray(v) for k, v in state_dict.items()}, path)
+    save_file({k: np.array(v, order="C") for k, v in state_dict.items()}, path)  # keeps 0-d
 
 
 def _get(tree: Mapping, path: Path) -> Any:

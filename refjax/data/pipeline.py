@@ -1,12 +1,12 @@
-"""Deterministic, resumable grain pipelines for the rec / res / mrefm / ras tasks.
+"""Deterministic, resumable grain pipelines; the per-task choices come from a ``DataTask``.
 
-``make_pipeline`` builds (spec/jax-stack.md 6.3, big_vision style)::
+``make_pipeline(config.data, split, task=...)`` builds (spec/jax-stack.md 6.3, big_vision style)::
 
     MapDataset.source(ExpressionIndex)          # (expr_index, record, expression) triples
       .seed(seed) .shuffle() .repeat()          # train only
       [process_index::process_count]            # per-process shard (eval: padded first)
       .map(Expand) .random_map(Augment) | .map(EvalLetterbox) .map(Tokenize)
-      [.random_map(MRefMMask)] .map(Finalize)
+      [task.extra_stages(...)] .map(Finalize)   # e.g. MRefM masking; the task's fixed-shape row
       train: .to_iter_dataset() -> SkipBadIterDataset -> .batch(B, drop_remainder=True)
       eval:  .batch(B) (full batches: the index is padded with valid=0 rows) .to_iter_dataset()
       [.mp_prefetch(MultiprocessingOptions(num_workers))]
@@ -20,12 +20,18 @@ Eval: every eligible expression appears exactly once over all processes; the ind
 to a multiple of ``process_count * batch`` so that every process yields the same number of full
 batches (padding rows have ``valid=0``, ``expr_index=-1``).
 
-Bad records (``config.skip_bad_records``): False, the ``BadRecordError`` propagates; True, the
+Every key of ``config.data`` that a pipeline reads must be present (the config files are the one
+source of values): dataset, data_dir, dataset_config, batch_size, eval_batch_size, num_workers,
+read_threads, prefetch_buffer, skip_bad_records, truncate_text, tokenizer_path, image_mean,
+image_std, next_timeout_s.
+
+Bad records (``data.skip_bad_records``): False, the ``BadRecordError`` propagates; True, the
 record is logged where it fails (possibly in a worker) and dropped (train) or kept as a
 ``valid=0`` row (eval), and counted. The count travels in each row's ``_skipped`` field to the
 main process, where ``PipelineIterator`` sums and removes it: ``bad_record_count()``, also part of
-the iterator state. Expressions the task cannot use (rec/res/mrefm: no target, or reference
-masks) are dropped in train and are ``valid=0`` rows in eval, without being counted as bad.
+the iterator state. Expressions the task cannot use (``DataTask.eligible``; OneRef: no target, or
+reference masks) are dropped in train and are ``valid=0`` rows in eval, without being counted as
+bad.
 """
 
 from __future__ import annotations
@@ -41,55 +47,11 @@ from absl import logging
 
 from refjax.data import stages as st
 from refjax.data.errors import BadRecordError  # noqa: F401  (re-exported for callers)
-
-DEFAULTS: dict[str, Any] = {
-    "data_dir": None,
-    "dataset_config": None,  # the builder config, e.g. "tiny" for refshapes
-    "image_size": 384,
-    "max_text_len": 64,
-    "batch_size": 32,
-    "eval_batch_size": None,  # default: batch_size
-    "num_workers": 0,
-    "read_threads": 2,
-    "prefetch_buffer": 16,
-    "skip_bad_records": False,
-    "truncate_text": True,
-    "tokenizer_path": None,  # default: the dataset's own ``beit3.spm`` (``source.file``)
-    "patch_size": 16,
-    "num_scales": None,  # default: 7 (6 for mrefm), spec/oneref.md 3.7 / 4.2
-    "mim_mask_ratio": 0.35,
-    "dynamic_mask_ratio": 0.75,
-    "text_mask_prob": 0.4,
-    "pool_max": 24,
-    "refs_max": 4,
-    "image_mean": None,
-    "image_std": None,
-    "next_timeout_s": 0.0,  # > 0: a batch that takes longer raises DataStallError (0: wait)
-}
+from refjax.data.spec import DataTask
 
 
 class DataStallError(RuntimeError):
     """No batch came out of the pipeline within ``next_timeout_s`` (a hung read, a stuck worker)."""
-
-
-def cfg_get(config: Any, key: str) -> Any:
-    """``config.data.<key>`` if present, else ``config.<key>``, else ``DEFAULTS[key]``."""
-    for c in (_get(config, "data", None), config):
-        v = _get(c, key, None) if c is not None else None
-        if v is not None:
-            return v
-    if key not in DEFAULTS:
-        raise KeyError(f"config has no {key!r}")
-    return DEFAULTS[key]
-
-
-def _get(c: Any, key: str, default: Any) -> Any:
-    if isinstance(c, dict):
-        return c.get(key, default)
-    try:
-        return c.get(key, default) if hasattr(c, "get") else getattr(c, key, default)
-    except (AttributeError, KeyError):
-        return default
 
 
 class ExpressionIndex:
@@ -223,82 +185,51 @@ class PipelineIterator(grain.DatasetIterator):
         self._bad = int(state["bad_record_count"])
 
 
-def _eligible(task: str):
-    return None if task == "ras" else _OneRefEligible()
+def _mark_absl_flags_parsed() -> None:
+    """grain's worker processes read absl flags; a library caller (a notebook) never parses them."""
+    from absl import flags
 
-
-class _OneRefEligible:
-    """rec/res/mrefm use expressions with at least one target and no reference masks."""
-
-    def __call__(self, ex: dict) -> bool:
-        return ex["num_targets"] > 0 and len(ex["ref_masks"]) == 0
-
-
-def _open_source(config: Any, split: str) -> Any:
-    from refjax.data.sources import open_scenes
-
-    return open_scenes(
-        cfg_get(config, "dataset"),
-        split,
-        cfg_get(config, "data_dir"),
-        cfg_get(config, "dataset_config"),
-    )
-
-
-def _tokenizer_path(config: Any, source: Any) -> str:
-    path = cfg_get(config, "tokenizer_path")
-    if path is None and hasattr(source, "file"):
-        from refjax.data.tokenizers import BEIT3_FILE
-
-        path = source.file(BEIT3_FILE)
-    if path is None:
-        raise KeyError("config.tokenizer_path is not set and the source has no tokenizer file")
-    return str(path)
-
-
-def _mask_id(path: str) -> int:
-    from refjax.data.tokenizers import load_beit3_tokenizer
-
-    tok = load_beit3_tokenizer(path)
-    return int(tok.mask_token_id if tok.mask_token_id is not None else len(tok) - 1)
+    if not flags.FLAGS.is_parsed():
+        flags.FLAGS.mark_as_parsed()
 
 
 def make_pipeline(
-    config: Any,
+    data_cfg: Any,
     split: str,
     *,
+    task: DataTask,
     train: bool,
     seed: int,
     process_index: int | None = None,
     process_count: int | None = None,
     source: Any = None,
 ) -> PipelineIterator:
-    """The batch iterator of ``config.task`` on ``split`` for this process (module docstring).
+    """The batch iterator of ``task`` on ``split`` for this process (module docstring).
 
-    ``source``: a scene source (``[i]`` -> decoded scene dict, ``expression_index()``); default
-    ``sources.open_scenes(config.dataset, split, config.data_dir, config.dataset_config)``.
-    Process index/count default to jax's. Batch sizes in the config are global.
+    ``data_cfg`` is ``config.data``. ``source``: a scene source (``[i]`` -> decoded scene dict,
+    ``expression_index()``); default ``sources.open_split(data_cfg, split)``. Process
+    index/count default to jax's. Batch sizes in the config are global.
     """
-    task = cfg_get(config, "task")
-    if task not in st.TASKS:
-        raise ValueError(f"unknown task {task!r}; expected one of {st.TASKS}")
+    from refjax.data.sources import open_split
+
     if process_index is None or process_count is None:
         import jax
 
         process_index, process_count = jax.process_index(), jax.process_count()
-    source = source if source is not None else _open_source(config, split)
-    size, max_len = int(cfg_get(config, "image_size")), int(cfg_get(config, "max_text_len"))
-    skip = bool(cfg_get(config, "skip_bad_records"))
-    gbs = int(
-        cfg_get(config, "batch_size" if train else "eval_batch_size")
-        or cfg_get(config, "batch_size")
-    )
+    source = source if source is not None else open_split(data_cfg, split)
+    skip = bool(data_cfg.skip_bad_records)
+    gbs = int((data_cfg.batch_size if train else data_cfg.eval_batch_size) or data_cfg.batch_size)
     if gbs % process_count:
         raise ValueError(f"batch size {gbs} is not divisible by {process_count} processes")
     bs = gbs // process_count
-    mean = tuple(cfg_get(config, "image_mean") or st.tf.IMAGENET_MEAN)
-    std = tuple(cfg_get(config, "image_std") or st.tf.IMAGENET_STD)
-    tok_path = _tokenizer_path(config, source)
+    size = task.size
+    mean, std = tuple(data_cfg.image_mean), tuple(data_cfg.image_std)
+    if data_cfg.tokenizer_path:
+        tok_path = str(data_cfg.tokenizer_path)
+    elif hasattr(source, "file"):
+        tok_path = source.file(task.tokenizer_file)
+    else:
+        raise ValueError("data.tokenizer_path is not set and the source stores no tokenizer")
 
     pairs = np.asarray(source.expression_index(), np.int64).reshape(-1, 2)
     if train:
@@ -309,43 +240,20 @@ def make_pipeline(
         ds = grain.MapDataset.source(ExpressionIndex(pairs, padded)).seed(seed)
     ds = ds[process_index::process_count]
 
-    ds = ds.map(st.Expand(source, skip, _eligible(task), keep_pool=task == "ras"))
-    if train:
-        scales = cfg_get(config, "num_scales") or (6 if task == "mrefm" else 7)
-        augment = task != "ras"  # RAS: pool labels are defined on the full image; no crops
-        ds = (
-            ds.random_map(st.Augment(size, skip, int(scales), mean, std))
-            if augment
-            else ds.map(st.EvalLetterbox(size, skip, mean, std))
-        )
+    ds = ds.map(st.Expand(source, skip, task))
+    if train and task.augment:
+        ds = ds.random_map(st.Augment(size, skip, task.num_scales, mean, std))
     else:
         ds = ds.map(st.EvalLetterbox(size, skip, mean, std))
-    ds = ds.map(st.Tokenize(tok_path, max_len, bool(cfg_get(config, "truncate_text")), skip))
-    patch = int(cfg_get(config, "patch_size"))
-    if task == "mrefm":
-        ds = ds.random_map(
-            st.MRefMMask(
-                size,
-                patch,
-                _mask_id(tok_path),
-                float(cfg_get(config, "mim_mask_ratio")),
-                float(cfg_get(config, "dynamic_mask_ratio")),
-                float(cfg_get(config, "text_mask_prob")),
-            )
-        )
-    shapes = st.Shapes(
-        task,
-        size,
-        max_len,
-        patch,
-        int(cfg_get(config, "pool_max")),
-        int(cfg_get(config, "refs_max")),
-    )
-    ds = ds.map(st.Finalize(shapes, keep_bad=train))
+    ds = ds.map(st.Tokenize(tok_path, bool(data_cfg.truncate_text), skip, task))
+    for stage in task.extra_stages(train, tok_path):
+        random = isinstance(stage, grain.transforms.RandomMap)
+        ds = ds.random_map(stage) if random else ds.map(stage)
+    ds = ds.map(st.Finalize(task, keep_bad=train))
 
     read = grain.ReadOptions(
-        num_threads=int(cfg_get(config, "read_threads")),
-        prefetch_buffer_size=int(cfg_get(config, "prefetch_buffer")),
+        num_threads=int(data_cfg.read_threads),
+        prefetch_buffer_size=int(data_cfg.prefetch_buffer),
     )
     num_batches = None
     if train:
@@ -353,16 +261,10 @@ def make_pipeline(
     else:
         num_batches = len(ds) // bs
         it_ds = ds.batch(bs, drop_remainder=False).to_iter_dataset(read)
-    workers = int(cfg_get(config, "num_workers"))
+    workers = int(data_cfg.num_workers)
     if workers > 0:
+        _mark_absl_flags_parsed()
         it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers))
-    timeout = float(cfg_get(config, "next_timeout_s") or 0.0)
+    timeout = float(data_cfg.next_timeout_s or 0.0)
     name = f"{split} {'train' if train else 'eval'}"
     return PipelineIterator(iter(it_ds), num_batches, timeout, name)
-
-
-def to_global(batch: dict[str, np.ndarray], mesh: Any) -> dict[str, Any]:
-    """This process's batch -> global jax Arrays sharded over the mesh's batch axes."""
-    from refjax.parallel import host_batch_to_global
-
-    return host_batch_to_global(batch, mesh)

@@ -2,10 +2,28 @@
 
 Every RefShapes expression is generated from a :class:`Query` (what to pick out) and rendered
 to text by :func:`render`. :func:`evaluate` computes which objects of a scene a query denotes,
-with a three-valued logic: geometric relations inside a small margin (two centres 3 px apart
-for "left of", two areas within 30% for "bigger") are *uncertain*, and an expression whose
-evaluation touches an uncertain object is rejected by the generator. Objects are described by
-:class:`ObjFacts` (attributes plus the geometry of the visible mask).
+with a three-valued logic (True, False, None = uncertain); an expression whose evaluation
+touches an uncertain object is rejected by the generator. Objects are described by
+:class:`ObjFacts`: attributes plus the geometry of the visible mask, whose *centre* is the mask
+centroid and whose *extent* is its tight box.
+
+The geometric rules (``a`` is the object described, ``b`` the anchor):
+
+- ``a left of b`` is True when the two visible masks do not overlap along x: ``a.x1 <= b.x0``
+  (a's extent ends where b's starts, or earlier); False when a's centre is not at least
+  ``POS_MARGIN`` (5 px) left of b's centre; uncertain in between (the centres are ordered but
+  the objects overlap along x, e.g. two shapes side by side vertically offset). Right of, above
+  and below are the same rule on the other side or on y. Requiring disjoint extents (rather
+  than centres a few pixels apart) is what keeps "above" from naming an object that sits
+  *beside* the anchor.
+- leftmost/rightmost/topmost/bottommost: the centre beats the runner-up's by ``EXTREME_MARGIN``
+  (6 px) or the expression is uncertain.
+- regions (halves, quadrants, the central third): the centre lies ``REGION_BAND`` (6 px) inside
+  the region (3 px for 'middle'), outside by as much for False.
+- bigger/smaller, biggest/smallest: a visible-area ratio of at least ``AREA_RATIO`` (1.3); below
+  ``AREA_SAME`` (1.05) it is definitely not bigger.
+- closest: by distance between centres, at least ``CLOSEST_RATIO`` (1.3) closer than the
+  runner-up.
 """
 
 from __future__ import annotations
@@ -20,7 +38,7 @@ SIZES = ("small", "large")
 KINDS = ("attribute", "spatial", "relational", "superlative", "group", "no-target", "hybrid")
 MASK_REF = "<mask-ref>"
 
-POS_MARGIN = 5.0  # px: centre differences below this are uncertain for left/right/above/below
+POS_MARGIN = 5.0  # px: "a left of b" is False when a's centre is not this far left of b's
 EXTREME_MARGIN = 6.0  # px: leftmost etc. must beat the runner-up by this much
 REGION_BAND = 6.0  # px: centres this close to a region border are uncertain
 AREA_RATIO = 1.3  # bigger/biggest need this area ratio; below 1.05 it is definitely not bigger
@@ -67,7 +85,11 @@ REL_WORDS = {
 
 @dataclass(frozen=True)
 class ObjFacts:
-    """What the language can say about one object: attributes and visible-mask geometry."""
+    """What the language can say about one object: attributes and visible-mask geometry.
+
+    ``cx, cy``: the centre (the centroid of the visible mask); ``area``: visible pixels;
+    ``box``: the visible mask's extent, its tight ``(x0, y0, x1, y1)`` box (x1 = last column + 1).
+    """
 
     shape: str
     color: str
@@ -75,6 +97,7 @@ class ObjFacts:
     cx: float
     cy: float
     area: float
+    box: tuple[float, float, float, float]
 
 
 @dataclass(frozen=True)
@@ -139,16 +162,28 @@ def _tri_gt(d: float, margin: float) -> bool | None:
     return None
 
 
+def _before(first: ObjFacts, second: ObjFacts, axis: int) -> bool | None:
+    """Three-valued "``first`` lies before ``second`` along ``axis``" (0: x, 1: y).
+
+    True: the extents are disjoint (``first``'s ends where ``second``'s starts, or earlier).
+    False: ``first``'s centre is not ``POS_MARGIN`` before ``second``'s. Else uncertain.
+    """
+    if first.box[axis + 2] <= second.box[axis]:
+        return True
+    c1, c2 = (first.cx, second.cx) if axis == 0 else (first.cy, second.cy)
+    return False if c2 - c1 < POS_MARGIN else None
+
+
 def relation_holds(rel: str, a: ObjFacts, b: ObjFacts) -> bool | None:
-    """Three-valued truth of ``a rel b``."""
+    """Three-valued truth of ``a rel b`` (see the module docstring for the rules)."""
     if rel == "left_of":
-        return _tri_gt(b.cx - a.cx, POS_MARGIN)
+        return _before(a, b, 0)
     if rel == "right_of":
-        return _tri_gt(a.cx - b.cx, POS_MARGIN)
+        return _before(b, a, 0)
     if rel == "above":
-        return _tri_gt(b.cy - a.cy, POS_MARGIN)
+        return _before(a, b, 1)
     if rel == "below":
-        return _tri_gt(a.cy - b.cy, POS_MARGIN)
+        return _before(b, a, 1)
     if rel == "same_color":
         return a.color == b.color
     if rel == "same_shape":
@@ -156,9 +191,8 @@ def relation_holds(rel: str, a: ObjFacts, b: ObjFacts) -> bool | None:
     if rel == "same_size":
         return a.size == b.size
     if rel in ("bigger", "smaller"):
-        r = a.area / max(b.area, 1.0)
-        if rel == "smaller":
-            r = 1.0 / max(r, 1e-6)
+        big, small = (a, b) if rel == "bigger" else (b, a)  # "a smaller b" = "b bigger a"
+        r = big.area / max(small.area, 1.0)
         return True if r >= AREA_RATIO else (False if r <= AREA_SAME else None)
     raise ValueError(f"unknown relation {rel!r}")
 
@@ -350,12 +384,14 @@ def render(q: Query, rng: np.random.Generator) -> Rendered:
         det = _pick(rng, ("the", "the", ""))
     elif q.number in ("two", "three"):
         det = _pick(rng, ("the " + q.number, "both") if q.number == "two" else ("the three",))
+    elif q.exclude_ref:  # not "every other shape ...", which reads as "every second shape"
+        det = _pick(rng, ("all", ""))
     else:
         det = _pick(
             rng, ("all", "all the", "every", "") if q.kind != "hybrid" else ("all", "", "every")
         )
         if det == "every":
-            plural = False
+            plural = False  # "every square that is ..."
     generic_everything = (
         q.kind == "hybrid"
         and q.head == Filter()
@@ -364,6 +400,7 @@ def render(q: Query, rng: np.random.Generator) -> Rendered:
         and rng.random() < 0.3
     )
     if generic_everything:
+        plural = False  # "everything that is ...", singular agreement
         b.add("everything", "subj")
     else:
         b.add(det)

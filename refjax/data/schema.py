@@ -14,9 +14,15 @@ Record fields (what ``scene_features()`` declares):
   ``image/height``, ``image/width`` (int32)
 - ``objects``: Sequence of ``{id: int64, box: float32[4] COCO xywh pixels, mask: PNG (HxWx1),
   category: str}``: the ground-truth instances (COCO: the annotations of the image).
-- ``expressions``: Sequence of ``{id: str, text: str, kind: str,
+- ``expressions``: Sequence of ``{id: str, text: str, raw: str, kind: str,
   target_start, target_count, ref_start, ref_count: int32,
-  subject_span: int32[2], object_span: int32[2] (word indices [start, end), -1 if absent)}``
+  subject_span: int32[2], object_span: int32[2] (word indices [start, end), -1 if absent)}``.
+  ``text`` is the expression as models are trained on it (refer's normalised ``sent``: lower
+  case, tokenised, no punctuation); ``raw`` is the sentence as written, with its case and
+  punctuation (refer's ``raw``; an LLM tokenizer wants it). Builders whose text is already raw
+  store it twice: RefShapes (raw = text) and MaskGroups-HQ (raw = the query text). A
+  refer-format sentence without ``raw`` stores its ``sent``. ``subject_span``/``object_span``
+  index the words of ``text``.
 - ``expr_targets`` (Sequence int32): indices into ``objects``; expression e's targets are
   ``expr_targets[target_start:target_start + target_count]`` (count 0 = no-target).
 - ``expr_refs`` (Sequence int32): indices into ``objects`` of ``<mask-ref>`` reference masks.
@@ -62,6 +68,7 @@ def scene_features() -> Any:
                 {
                     "id": tfds.features.Text(),
                     "text": tfds.features.Text(),
+                    "raw": tfds.features.Text(),
                     "kind": tfds.features.Text(),
                     "target_start": np.int32,
                     "target_count": np.int32,

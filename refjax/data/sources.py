@@ -9,8 +9,9 @@ Scene dict (what ``decode_scene`` returns)::
     image_id: str              image: uint8 (H, W, 3)
     boxes: float32 (K, 4) xyxy pixels           masks: uint8 (K, H, W) 0/1 (visible pixels)
     categories: list[str]      object_ids: int64 (K,)
-    expressions: list of {id: str, text: str, kind: str, targets: int32 (T,), refs: int32 (R,),
-                          subject_span: (int, int), object_span: (int, int)}   # [start, end)
+    expressions: list of {id: str, text: str, raw: str, kind: str, targets: int32 (T,),
+                          refs: int32 (R,), subject_span: (int, int),
+                          object_span: (int, int)}   # [start, end)
     pool_masks: uint8 (P, H, W)   pool_sources: list[str]   pool_ioa: float32 (E, P)
     caption: str
 """
@@ -106,6 +107,7 @@ def decode_scene(record: dict, with_pool: bool = True) -> dict:
     expressions = []
     ids = _strs(ex.get("id"))
     texts, kinds = _strs(ex.get("text")), _strs(ex.get("kind"))
+    raws = _strs(ex.get("raw")) or texts  # datasets built before 'raw': the text
     for e, eid in enumerate(ids):
         if not texts[e].strip():
             raise BadRecordError(eid, "text", "empty expression text")
@@ -115,6 +117,7 @@ def decode_scene(record: dict, with_pool: bool = True) -> dict:
             {
                 "id": eid,
                 "text": texts[e],
+                "raw": raws[e],
                 "kind": kinds[e],
                 "targets": _indices(
                     targets,
@@ -266,3 +269,18 @@ class SceneSource:
 def open_scenes(name: str, split: str, data_dir: str, config: str | None = None) -> SceneSource:
     """Open a prepared split of ``name`` (e.g. 'refshapes', config 'tiny') for random access."""
     return SceneSource(dataset_dir(name, data_dir, config), split)
+
+
+def open_split(data_cfg: Any, split: str) -> SceneSource:
+    """The split of the dataset ``config.data`` names (``dataset``, ``data_dir``,
+    ``dataset_config``)."""
+    return open_scenes(data_cfg.dataset, split, data_cfg.data_dir, data_cfg.dataset_config)
+
+
+def tokenizer_file(data_cfg: Any, filename: str) -> str:
+    """The tokenizer a pipeline or predictor reads: ``config.data.tokenizer_path`` when set,
+    else ``filename`` (``beit3.spm``, ``tokenizer.model``) stored with the dataset."""
+    if data_cfg.tokenizer_path:
+        return str(os.path.expanduser(data_cfg.tokenizer_path))
+    ds = dataset_dir(data_cfg.dataset, data_cfg.data_dir, data_cfg.dataset_config)
+    return os.path.join(ds, filename)

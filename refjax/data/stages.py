@@ -1,6 +1,7 @@
 """Grain stages of the refjax pipelines: picklable module-level Map/RandomMap classes.
 
-Each stage wraps a pure function of ``refjax.data.transforms``. Bad records: with
+Each stage wraps a pure function of ``refjax.data.transforms``; the per-task choices come from a
+``refjax.data.spec.DataTask`` (no stage branches on a task name). Bad records: with
 ``skip_bad`` a ``BadRecordError`` becomes a *bad sentinel* (logged where it happens, which may be
 a worker process) that later stages pass through; ``Finalize`` turns sentinels into blank rows
 (``valid=0``; eval) or leaves them to ``SkipBadIterDataset`` (train), which drops them and adds
@@ -11,8 +12,6 @@ main process, whatever process the record was skipped in (see ``pipeline.Pipelin
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 import grain
@@ -22,13 +21,12 @@ from absl import logging
 from refjax import masking
 from refjax.data import transforms as tf
 from refjax.data.errors import BadRecordError
-from refjax.data.schema import POSITIVE_IOA
+from refjax.data.spec import DataTask
 
 BAD = "_bad"  # sentinel key: a skipped bad record
 PAD = "_pad"  # sentinel key: an eval padding row
 DROP = "_drop"  # sentinel key: an expression the task cannot use (not a bad record)
 SKIPPED = "_skipped"  # per-row count of bad records skipped just before (or as) this row
-TASKS = ("rec", "res", "mrefm", "ras")
 _LOAD_LOCK = threading.Lock()
 
 
@@ -61,18 +59,11 @@ class _Guarded:
 
 
 class Expand(_Guarded, grain.transforms.Map):
-    """(expr_index, record, expression) -> ``transforms.expand`` example, or a sentinel (PAD for
-    padding rows, DROP when ``eligible(example)`` is False)."""
+    """(expr_index, record, expression) -> ``transforms.expand`` example (then the task's
+    ``prepare``), or a sentinel (PAD for padding rows, DROP when the task does not use it)."""
 
-    def __init__(
-        self,
-        source: Any,
-        skip_bad: bool,
-        eligible: Callable[[dict], bool] | None = None,
-        keep_pool: bool = True,
-    ):
-        self.source, self.skip_bad, self.eligible = source, skip_bad, eligible
-        self.keep_pool = keep_pool  # False: drop pool/reference masks (only RAS uses them)
+    def __init__(self, source: Any, skip_bad: bool, task: DataTask):
+        self.source, self.skip_bad, self.task = source, skip_bad, task
 
     def map(self, item: Any) -> Any:
         i, rec, e = (int(v) for v in item)
@@ -82,14 +73,16 @@ class Expand(_Guarded, grain.transforms.Map):
 
     def _apply(self, item: tuple[int, int, int]) -> tf.Example:
         i, rec, e = item
+        keep_pool = self.task.keep_pool
         scene_fn = getattr(self.source, "scene", None)
-        scene = scene_fn(rec, with_pool=self.keep_pool) if scene_fn else self.source[rec]
+        scene = scene_fn(rec, with_pool=keep_pool) if scene_fn else self.source[rec]
         ex = tf.expand(scene, e)
-        if self.eligible is not None and not self.eligible(ex):
+        if not self.task.eligible(ex):
             return {DROP: 1, "expr_index": i}
-        if not self.keep_pool:
+        if not keep_pool:
             empty = np.zeros((0, *ex["mask"].shape), np.uint8)
             ex.update(pool_masks=empty, ref_masks=empty, pool_ioa=np.zeros(0, np.float32))
+        ex = self.task.prepare(ex)
         ex["expr_index"] = i
         return ex
 
@@ -127,11 +120,11 @@ class Augment(_Guarded, grain.transforms.RandomMap):
 
 
 class Tokenize(_Guarded, grain.transforms.Map):
-    """Loads the BEiT-3 tokenizer lazily in each process (the loaded tokenizer is not pickled)."""
+    """The task's tokenization; the tokenizer is loaded lazily in each process (not pickled)."""
 
-    def __init__(self, tokenizer_path: str, max_len: int, truncate: bool, skip_bad: bool):
-        self.tokenizer_path, self.max_len = tokenizer_path, max_len
-        self.truncate, self.skip_bad = truncate, skip_bad
+    def __init__(self, tokenizer_path: str, truncate: bool, skip_bad: bool, task: DataTask):
+        self.tokenizer_path, self.truncate, self.skip_bad = tokenizer_path, truncate, skip_bad
+        self.task = task
         self._tok: Any = None
 
     def __getstate__(self) -> dict:
@@ -142,16 +135,14 @@ class Tokenize(_Guarded, grain.transforms.Map):
         if self._tok is None:
             with _LOAD_LOCK:  # grain read threads: transformers' lazy imports are not thread-safe
                 if self._tok is None:
-                    from refjax.data.tokenizers import load_beit3_tokenizer
-
-                    self._tok = load_beit3_tokenizer(self.tokenizer_path)
+                    self._tok = self.task.load_tokenizer(self.tokenizer_path)
         return self._tok
 
     def map(self, x: Any) -> Any:
         return self._run(x)
 
     def _apply(self, x: tf.Example) -> tf.Example:
-        return tf.tokenize(x, self.tokenizer, self.max_len, truncate=self.truncate)
+        return self.task.tokenize(x, self.tokenizer, self.truncate)
 
 
 class MRefMMask(_Guarded, grain.transforms.RandomMap):
@@ -197,99 +188,21 @@ class MRefMMask(_Guarded, grain.transforms.RandomMap):
         return out
 
 
-@dataclass(frozen=True)
-class Shapes:
-    """Static shapes of a task's examples."""
-
-    task: str
-    size: int
-    max_len: int
-    patch: int = 16
-    pool_max: int = 24
-    refs_max: int = 4
-
-    def blank(self) -> dict[str, np.ndarray]:
-        """A row of zeros with every key of the task (``valid`` = 0)."""
-        s, n = self.size, self.max_len
-        row = {
-            "image": np.zeros((s, s, 3), np.float32),
-            "box": np.zeros(4, np.float32),
-            "mask": np.zeros((s, s), np.uint8),
-            "text_ids": np.zeros(n, np.int32),
-            "text_padding": np.ones(n, np.int32),
-            "kind": np.int32(0),
-            "valid": np.int32(0),
-            "expr_index": np.int32(-1),
-            "letterbox": np.zeros(6, np.float32),
-            SKIPPED: np.int32(0),
-        }
-        if self.task == "mrefm":
-            g = s // self.patch
-            row.update(
-                image_raw=np.zeros((s, s, 3), np.uint8),
-                mim_mask=np.zeros(g * g, bool),
-                mlm_ids=np.zeros(n, np.int32),
-                mlm_mask=np.zeros(n, np.int32),
-            )
-        if self.task == "ras":
-            row.update(
-                pool_masks=np.zeros((self.pool_max, s, s), np.uint8),
-                pool_valid=np.zeros(self.pool_max, np.int32),
-                pool_labels=np.zeros(self.pool_max, np.int32),
-                ref_masks=np.zeros((self.refs_max, s, s), np.uint8),
-                ref_valid=np.zeros(self.refs_max, np.int32),
-                num_targets=np.int32(0),
-            )
-        return row
-
-
-def _pad_stack(masks: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
-    out = np.zeros((n, *masks.shape[1:]), np.uint8)
-    k = min(n, len(masks))
-    out[:k] = masks[:k]
-    valid = np.zeros(n, np.int32)
-    valid[:k] = 1
-    return out, valid
-
-
 class Finalize(grain.transforms.Map):
-    """Fixed-shape output row of the task; sentinels become blank rows (``valid=0``; a bad record
+    """The task's fixed-shape row; sentinels become blank rows (``valid=0``; a bad record
     counts 1 in ``_skipped``) unless ``keep_bad``, where BAD/DROP sentinels are passed on."""
 
-    def __init__(self, shapes: Shapes, keep_bad: bool):
-        self.shapes, self.keep_bad = shapes, keep_bad
+    def __init__(self, task: DataTask, keep_bad: bool):
+        self.task, self.keep_bad = task, keep_bad
 
     def map(self, x: Any) -> Any:
-        sh = self.shapes
-        row = sh.blank()
         if is_sentinel(x):
             if self.keep_bad and (BAD in x or DROP in x):
                 return x
+            row = self.task.blank()
             row["expr_index"] = np.int32(-1 if PAD in x else x["expr_index"])
             row[SKIPPED] = np.int32(1 if BAD in x else 0)
             return row
-        row.update(
-            image=x["image"],
-            box=tf.box_to_target(x["box"], sh.size),
-            mask=x["mask"],
-            text_ids=x["text_ids"],
-            text_padding=x["text_padding"],
-            kind=np.int32(x["kind"]),
-            valid=np.int32(1),
-            expr_index=np.int32(x["expr_index"]),
-            letterbox=x["letterbox"],
-        )
-        if sh.task == "mrefm":
-            row.update(
-                image_raw=x["image_raw"],
-                mim_mask=x["mim_mask"],
-                mlm_ids=x["mlm_ids"],
-                mlm_mask=x["mlm_mask"],
-            )
-        if sh.task == "ras":
-            row["pool_masks"], row["pool_valid"] = _pad_stack(x["pool_masks"], sh.pool_max)
-            labels = (x["pool_ioa"][: sh.pool_max] >= POSITIVE_IOA).astype(np.int32)
-            row["pool_labels"][: len(labels)] = labels
-            row["ref_masks"], row["ref_valid"] = _pad_stack(x["ref_masks"], sh.refs_max)
-            row["num_targets"] = np.int32(x["num_targets"])
+        row = self.task.row(x)
+        row[SKIPPED] = np.int32(0)
         return row

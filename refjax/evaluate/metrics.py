@@ -17,8 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from refjax.boxes import Letterbox, box_iou, cxcywh_to_xyxy, mask_iou
-from refjax.models.oneref import upsample_seg_logits
+from refjax.boxes import Letterbox, box_iou, cxcywh_to_xyxy, mask_iou, upsample_seg_logits
 
 Array = Any
 _FIELDS = ("count", "correct", "mask_count", "iou_sum", "inter", "union")

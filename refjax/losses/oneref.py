@@ -15,34 +15,23 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from refjax.boxes import cxcywh_to_xyxy, generalized_box_iou
-from refjax.models.oneref import upsample_seg_logits
+from refjax.boxes import cxcywh_to_xyxy, generalized_box_iou, upsample_seg_logits
 
 Array = jax.Array
 
-DEFAULTS: dict[str, Any] = {
-    "use_box_loss": True,
-    "use_box_mask_constraint": False,
-    "use_seg_loss": False,
-    "l1": 1.0,
-    "giou": 1.0,
-    "box_mask_focal": 20.0,
-    "box_mask_dice": 2.0,
-    "seg_focal": 20.0,
-    "seg_dice": 2.0,
-    "focal_alpha": 0.25,
-    "focal_gamma": 2.0,
-}
-
+KEYS = (
+    "use_box_loss", "use_box_mask_constraint", "use_seg_loss", "l1", "giou", "box_mask_focal",
+    "box_mask_dice", "seg_focal", "seg_dice", "focal_alpha", "focal_gamma",
+)
 _DUMMY_BOX = (0.5, 0.5, 1.0, 1.0)
 
 
-def _get(config: Mapping[str, Any] | None, key: str) -> Any:
-    if config is None:
-        return DEFAULTS[key]
-    if hasattr(config, "get"):
-        return config.get(key, DEFAULTS[key])
-    return getattr(config, key, DEFAULTS[key])
+def _get(config: Mapping[str, Any], key: str) -> Any:
+    """``config[key]``; a key the config lacks is an error naming it (no silent default)."""
+    try:
+        return config[key]
+    except (KeyError, AttributeError):
+        raise KeyError(f"loss config lacks {key!r} (configs/oneref/*.py define: {KEYS})") from None
 
 
 def _weighted_mean(per_sample: Array, valid: Array) -> Array:
@@ -83,9 +72,12 @@ def patch_targets(mask: Array, num_patches: int) -> Array:
 
 
 def oneref_loss(
-    outputs: Mapping[str, Array], batch: Mapping[str, Array], config: Any = None
+    outputs: Mapping[str, Array], batch: Mapping[str, Array], config: Mapping[str, Any]
 ) -> tuple[Array, dict[str, Array]]:
-    """Weighted sum of the enabled OneRef terms; metrics hold each unweighted term and ``loss``."""
+    """Weighted sum of the enabled OneRef terms; metrics hold each unweighted term and ``loss``.
+
+    ``config`` is ``config.loss`` (every key of ``KEYS``).
+    """
     box = outputs["box"].astype(jnp.float32)
     bsz = box.shape[0]
     valid = batch.get("valid")

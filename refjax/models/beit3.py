@@ -22,25 +22,19 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from refjax.models.layers import (
+from refjax.models.layers import (  # noqa: F401  (REMAT_POLICIES re-exported)
     ATTENTION_IMPLS,
+    REMAT_POLICIES,
     LayerNorm,
     attention,
+    check_remat_policy,
     dense,
     drop_path,
     gelu_exact,
     multiway,
+    remat,
     resize_grid_bicubic,
 )
-
-REMAT_POLICIES = {
-    "none": None,
-    "full": "nothing_saveable",
-    "nothing_saveable": "nothing_saveable",
-    "dots_saveable": "dots_saveable",
-    "dots_with_no_batch_dims_saveable": "dots_with_no_batch_dims_saveable",
-    "everything_saveable": "everything_saveable",
-}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,10 +65,7 @@ class BEiT3Config:
         if self.attention_impl not in ATTENTION_IMPLS:
             raise ValueError(f"unknown attention_impl {self.attention_impl!r}; "
                              f"one of {ATTENTION_IMPLS}")
-        if self.remat_policy not in REMAT_POLICIES:
-            raise ValueError(
-                f"unknown remat_policy {self.remat_policy!r}; one of {sorted(REMAT_POLICIES)}"
-            )
+        check_remat_policy(self.remat_policy)
 
     @property
     def grid(self) -> int:
@@ -187,14 +178,6 @@ class EncoderLayer(nn.Module):
         return (x, None) if self.scan_form else x
 
 
-def _remat(module_cls, policy_name: str):
-    name = REMAT_POLICIES[policy_name]
-    if name is None:
-        return module_cls
-    policy = getattr(jax.checkpoint_policies, name)
-    return nn.remat(module_cls, policy=policy, prevent_cse=False)
-
-
 class Encoder(nn.Module):
     """``encoder``: the layer stack (scanned or not) plus the final per-modality LayerNorm."""
 
@@ -206,7 +189,7 @@ class Encoder(nn.Module):
     def __call__(self, x, key_padding):
         c = self.cfg
         rates = np.linspace(0.0, c.drop_path_rate, c.depth).astype(np.float32)
-        layer_cls = _remat(EncoderLayer, c.remat_policy)
+        layer_cls = remat(EncoderLayer, c.remat_policy)
         if c.scan:
             scanned = nn.scan(
                 layer_cls,

@@ -21,6 +21,32 @@ Axes = tuple[str | None, ...]
 
 default_kernel_init = nn.initializers.lecun_normal()
 
+# Named rematerialisation policies (config ``remat_policy``) -> jax.checkpoint_policies names.
+REMAT_POLICIES = {
+    "none": None,
+    "full": "nothing_saveable",
+    "nothing_saveable": "nothing_saveable",
+    "dots_saveable": "dots_saveable",
+    "dots_with_no_batch_dims_saveable": "dots_with_no_batch_dims_saveable",
+    "everything_saveable": "everything_saveable",
+}
+
+
+def check_remat_policy(name: str) -> None:
+    """Raise naming the known policies when ``name`` is not one of ``REMAT_POLICIES``."""
+    if name not in REMAT_POLICIES:
+        raise ValueError(f"unknown remat_policy {name!r}; one of {sorted(REMAT_POLICIES)}")
+
+
+def remat(module_cls: type, policy_name: str) -> type:
+    """``module_cls`` wrapped in ``nn.remat`` with the named policy ("none": unchanged)."""
+    check_remat_policy(policy_name)
+    name = REMAT_POLICIES[policy_name]
+    if name is None:
+        return module_cls
+    policy = getattr(jax.checkpoint_policies, name)
+    return nn.remat(module_cls, policy=policy, prevent_cse=False)
+
 
 def dense(
     features: int,
@@ -165,7 +191,7 @@ def _einsum_attention(q, k, v, key_padding, scale: float) -> jax.Array:
     return jnp.einsum("bhqk,bkhd->bqhd", probs, v)
 
 
-def _cubic_weight(t: np.ndarray, a: float) -> list[np.ndarray]:
+def cubic_weight(t: np.ndarray, a: float) -> list[np.ndarray]:
     """The four cubic-convolution weights (offsets -1, 0, 1, 2) for fractional positions t."""
 
     def near(d):  # |d| <= 1
@@ -188,7 +214,7 @@ def bicubic_matrix(in_size: int, out_size: int, a: float = -0.75) -> np.ndarray:
     src = (dst + 0.5) * scale - 0.5
     base = np.floor(src)
     t = src - base
-    w = _cubic_weight(t, a)
+    w = cubic_weight(t, a)
     m = np.zeros((out_size, in_size), np.float64)
     for k, wk in enumerate(w):
         idx = np.clip(base.astype(np.int64) + k - 1, 0, in_size - 1)

@@ -349,11 +349,3 @@ class OneRef(nn.Module):
             seg_convs=self.seg_convs,
         )
         return outputs, {**aux, **head_aux}
-
-
-def upsample_seg_logits(seg_logits: Array, size: tuple[int, int]) -> Array:
-    """Bilinear resize of ``(B, h, w)`` logits to ``size`` with half-pixel centres, equal to
-    torch ``F.interpolate(mode='bilinear', align_corners=False)`` for upsampling."""
-    b = seg_logits.shape[0]
-    x = seg_logits.astype(jnp.float32)
-    return jax.image.resize(x, (b, *size), method="bilinear", antialias=False)

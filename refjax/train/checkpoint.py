@@ -1,8 +1,11 @@
 """Orbax checkpointing: train state + grain iterator, keep-N plus best-by-metric, NaN guard.
 
 A thin wrapper over the v0 ``orbax.checkpoint.CheckpointManager`` so that moving to the v1 API
-later touches one file. Saves are asynchronous; Orbax writes each step into a temporary directory
-and only renames/commits it when complete, so a process killed mid-write never leaves a step that
+later touches one file. A ``TrainState`` is saved as two items, ``variables`` (params, frozen,
+batch_stats) and ``train`` (step, optimizer state, rng), so inference restores the variables
+without reading (or building) the optimizer state; any other pytree is saved as one item.
+Saves are asynchronous; Orbax writes each step into a temporary directory and only
+renames/commits it when complete, so a process killed mid-write never leaves a step that
 ``latest_step`` reports or ``restore`` reads.
 """
 
@@ -18,7 +21,9 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
-STATE, DATA_ITER = "state", "data_iter"
+from refjax.train.state import TrainState
+
+STATE, VARIABLES, TRAIN, DATA_ITER = "state", "variables", "train", "data_iter"
 
 
 class NonFiniteStateError(FloatingPointError):
@@ -118,7 +123,7 @@ class Checkpointer:
         """
         if not check_finite(state):
             raise NonFiniteStateError(f"refusing to checkpoint step {step}: state has NaN/Inf")
-        items = {STATE: ocp.args.StandardSave(state)}
+        items = {k: ocp.args.StandardSave(v) for k, v in _items(state).items()}
         if data_iter is not None:
             items[DATA_ITER] = grain.checkpoint.CheckpointSave(data_iter)
         metrics = None if metrics is None else {k: _plain(v) for k, v in metrics.items()}
@@ -136,11 +141,33 @@ class Checkpointer:
         step = self.latest_step() if step is None else step
         if step is None:
             raise FileNotFoundError(f"no complete checkpoint in {self.directory}")
-        items = {STATE: ocp.args.StandardRestore(_restore_target(target))}
+        if target is None and self._is_train_state(step):
+            raise ValueError("restoring a TrainState needs its abstract target "
+                             "(train.state.abstract_train_state); use restore_variables for "
+                             "the variables alone")
+        parts = _items(target) if target is not None else {STATE: None}
+        items = {k: ocp.args.StandardRestore(_restore_target(v)) for k, v in parts.items()}
         if data_iter is not None:
             items[DATA_ITER] = grain.checkpoint.CheckpointRestore(data_iter)
         restored = self._manager.restore(step, args=ocp.args.Composite(**items))
-        return restored[STATE]
+        if STATE in parts:
+            return restored[STATE]
+        v, t = restored[VARIABLES], restored[TRAIN]
+        return TrainState(step=t["step"], params=v["params"], frozen=v["frozen"],
+                          batch_stats=v["batch_stats"], opt_state=t["opt_state"], rng=t["rng"])
+
+    def restore_variables(self, step: int | None = None, target: Any = None) -> dict[str, Any]:
+        """Only the ``{"params", "frozen", "batch_stats"}`` of a saved ``TrainState`` (no
+        optimizer state is read), onto ``target``'s shardings (default: as saved, on one
+        device)."""
+        step = self.latest_step() if step is None else step
+        if step is None:
+            raise FileNotFoundError(f"no complete checkpoint in {self.directory}")
+        args = ocp.args.Composite(**{VARIABLES: ocp.args.StandardRestore(_restore_target(target))})
+        return dict(self._manager.restore(step, args=args)[VARIABLES])
+
+    def _is_train_state(self, step: int) -> bool:
+        return os.path.isdir(os.path.join(self.directory, str(step), VARIABLES))
 
     def latest_step(self) -> int | None:
         return self._manager.latest_step()
@@ -166,6 +193,15 @@ class Checkpointer:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _items(state: Any) -> dict[str, Any]:
+    """The checkpoint items of ``state``: a TrainState (or its abstract twin) is split into
+    ``variables`` and ``train``; anything else is one ``state`` item."""
+    if isinstance(state, TrainState):
+        return {VARIABLES: state.variables(),
+                TRAIN: {"step": state.step, "opt_state": state.opt_state, "rng": state.rng}}
+    return {STATE: state}
 
 
 def _plain(v: Any) -> Any:

@@ -12,11 +12,31 @@ from typing import Any
 import ml_collections
 
 
+def config_file(name: str) -> str:
+    """The file of a config ``name``: a path, else a name inside the shipped ``configs``
+    package (``"oneref/rec_res"`` or ``"oneref/rec_res.py"``), so configs load by name when
+    refjax is installed as a package."""
+    if os.path.isfile(name):
+        return name
+    import importlib.resources
+
+    rel = name if name.endswith(".py") else name + ".py"
+    rel = rel[len("configs/"):] if rel.startswith("configs/") else rel
+    try:
+        candidate = importlib.resources.files("configs").joinpath(rel)
+    except ModuleNotFoundError:
+        candidate = None
+    if candidate is not None and candidate.is_file():
+        return str(candidate)
+    raise FileNotFoundError(f"config file not found: {name} (a path, or a name under configs/ "
+                            "such as oneref/rec_res)")
+
+
 def load_config(spec: str) -> ml_collections.ConfigDict:
-    """Import the ``.py`` file of ``"path/to/config.py[:arg]"`` and call ``get_config(arg)``."""
-    path, _, arg = spec.partition(":")
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"config file not found: {path}")
+    """Import the config file of ``"path/to/config.py[:arg]"`` (or ``"oneref/rec_res:arg"``,
+    see ``config_file``) and call ``get_config(arg)``."""
+    name, _, arg = spec.partition(":")
+    path = config_file(name)
     name = "refjax_config_" + os.path.splitext(os.path.basename(path))[0]
     module_spec = importlib.util.spec_from_file_location(name, path)
     if module_spec is None or module_spec.loader is None:

@@ -1,6 +1,7 @@
 """Optax setup from a ConfigDict: AdamW, LR schedules, frozen parameters, clipping, accumulation.
 
-Config fields (all optional except ``lr``)::
+Config fields (all required: the config files are the one source of values;
+``configs/common.py:optim_section`` fills them)::
 
     lr: 5e-5                    # peak learning rate
     b1: 0.9, b2: 0.999, eps: 1e-8
@@ -31,20 +32,10 @@ import optax
 
 from refjax.parallel import path_str
 
-_DEFAULTS: dict[str, Any] = {
-    "b1": 0.9,
-    "b2": 0.999,
-    "eps": 1e-8,
-    "weight_decay": 1e-4,
-    "wd_mask": None,
-    "schedule": "warmup_cosine",
-    "warmup_steps": 0,
-    "min_lr_ratio": 0.0,
-    "frozen": (),
-    "grad_clip_norm": None,
-    "accum_steps": 1,
-}
-_KNOWN = set(_DEFAULTS) | {"lr"}
+KEYS = (
+    "lr", "b1", "b2", "eps", "weight_decay", "wd_mask", "schedule", "warmup_steps",
+    "min_lr_ratio", "frozen", "grad_clip_norm", "accum_steps",
+)
 
 
 def param_path(tree: Any) -> Any:
@@ -65,15 +56,18 @@ def path_mask(tree: Any, patterns: str | Sequence[str] | None) -> Any:
 
 
 def _get(cfg: Mapping[str, Any], key: str) -> Any:
-    return cfg[key] if key in cfg else _DEFAULTS[key]
+    return cfg[key]
 
 
 def _check_keys(cfg: Mapping[str, Any]) -> None:
-    unknown = set(cfg.keys()) - _KNOWN
+    """Every key of ``KEYS`` and nothing else (the config files are the one source of values)."""
+    unknown = set(cfg.keys()) - set(KEYS)
     if unknown:
-        raise KeyError(f"unknown optimizer config keys {sorted(unknown)}; known: {sorted(_KNOWN)}")
-    if "lr" not in cfg:
-        raise KeyError("optimizer config needs 'lr'")
+        raise KeyError(f"unknown optimizer config keys {sorted(unknown)}; known: {sorted(KEYS)}")
+    missing = [k for k in KEYS if k not in cfg]
+    if missing:
+        raise KeyError(f"optimizer config lacks {missing} (configs/common.py optim_section "
+                       "lists every key)")
 
 
 def epoch_cosine(lr: float, num_epochs: int, steps_per_epoch: int) -> optax.Schedule:

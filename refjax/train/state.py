@@ -1,18 +1,25 @@
-"""The OneRef train state, the model built from a config, and sharded state creation.
+"""The train state, its sharded creation from any task, and loading initial variables.
 
 ``create_train_state`` follows the house pattern (spec/jax-stack.md 2(c)): ``eval_shape`` of the
 init function -> shardings from the logical axis rules -> ``jax.jit(init, out_shardings=...)``
-(``parallel.create_sharded``), then optionally loads pretrained weights onto those shardings.
+(``parallel.create_sharded``). ``abstract_train_state`` / ``abstract_variables`` give restore
+targets without initialising anything.
+
+Parameters come in two collections: ``params`` (trained; the optimizer holds slots for them) and
+``frozen`` (inputs that are never trained: a MIM tokenizer, frozen vision towers; no optimizer
+slots). The model sees both merged as its ``params``; the task names the frozen top-level
+subtrees. Both are sharded by the same rules and saved with the state.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import flax
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -20,14 +27,11 @@ import optax
 from jax.sharding import Mesh
 
 from refjax import parallel
-from refjax.models.beit3 import VARIANTS, BEiT3Config, beit3_config
-from refjax.models.oneref import OneRef
+from refjax.tasks import Task
 
 log = logging.getLogger(__name__)
 
-MODEL_INPUTS = ("text_ids", "text_padding", "image")
-_BACKBONE_FIELDS = ("dim", "depth", "heads", "mlp_dim", "vocab_size", "img_size", "patch_size",
-                    "dtype", "scan", "remat_policy", "drop_path_rate", "attention_impl")
+VARIABLE_FIELDS = ("params", "frozen", "batch_stats")
 
 
 @flax.struct.dataclass
@@ -35,35 +39,26 @@ class TrainState:
     """Everything a training step reads and writes (a pytree; checkpointed as a whole)."""
 
     step: jax.Array  # int32 scalar: optimizer steps taken
-    params: Any
-    batch_stats: Any  # BatchNorm running statistics (empty without the RES head)
+    params: Any  # trained parameters
+    frozen: Any  # parameters that are inputs, never trained (no optimizer slots)
+    batch_stats: Any  # BatchNorm running statistics (empty without BatchNorm)
     opt_state: Any
     rng: jax.Array  # typed PRNG key; per-step keys are folded from it and ``step``
 
-
-def backbone_config(model_cfg: Mapping[str, Any]) -> BEiT3Config:
-    """The BEiT-3 config of ``config.model``: the variant plus every non-None field."""
-    variant = model_cfg["variant"]
-    if variant not in VARIANTS:
-        raise ValueError(f"unknown model variant {variant!r}; one of {sorted(VARIANTS)}")
-    overrides = {k: model_cfg[k] for k in _BACKBONE_FIELDS if model_cfg.get(k) is not None}
-    return beit3_config(variant, **overrides)
+    def variables(self) -> dict[str, Any]:
+        """``{"params", "frozen", "batch_stats"}``: what evaluation and inference read."""
+        return {"params": self.params, "frozen": self.frozen, "batch_stats": self.batch_stats}
 
 
-def build_model(config: Any) -> OneRef:
-    """``OneRef`` from ``config.model`` (``use_seg_head`` for RES)."""
-    return OneRef(
-        backbone_config(config.model),
-        use_seg_head=bool(config.model.use_seg_head),
-        sim_scale=float(config.model.get("sim_scale", 1.0)),
-        seg_dim=config.model.get("seg_dim") or None,
-        seg_convs=int(config.model.get("seg_convs", 3)),
-    )
-
-
-def model_inputs(batch: Mapping[str, Any]) -> tuple[Any, Any, Any]:
-    """Positional model inputs ``(text_ids, text_padding, image)`` of a batch."""
-    return tuple(batch[k] for k in MODEL_INPUTS)  # type: ignore[return-value]
+def model_variables(variables: Mapping[str, Any]) -> dict[str, Any]:
+    """The model's ``apply`` variables: trained and frozen parameters merged, plus
+    ``batch_stats``."""
+    frozen = variables.get("frozen") or {}
+    params = dict(variables["params"])
+    clash = set(params) & set(frozen)
+    if clash:
+        raise ValueError(f"subtrees {sorted(clash)} are both trained and frozen")
+    return {"params": {**params, **frozen}, "batch_stats": variables.get("batch_stats") or {}}
 
 
 def _as_key(rng: Any) -> jax.Array:
@@ -74,9 +69,48 @@ def _as_key(rng: Any) -> jax.Array:
     return jax.random.wrap_key_data(rng)
 
 
+def _split_frozen(params: Mapping[str, Any], names: Sequence[str]) -> tuple[dict, dict]:
+    missing = [n for n in names if n not in params]
+    if missing:
+        raise ValueError(f"frozen subtrees {missing} are not in the model; it has {sorted(params)}")
+    trained = {k: v for k, v in params.items() if k not in names}
+    return trained, {k: params[k] for k in names}
+
+
+def _init_variables(
+    task: Task, model: nn.Module, config: Any, key: jax.Array, batch: Mapping[str, Any]
+) -> dict[str, Any]:
+    variables = model.init(
+        {"params": key, "dropout": key}, **task.model_inputs(batch, config), deterministic=True
+    )
+    params, frozen = _split_frozen(variables["params"], task.frozen_subtrees(config))
+    return {"params": params, "frozen": frozen, "batch_stats": variables.get("batch_stats", {})}
+
+
+def _state_init_fn(task: Task, model: nn.Module, tx: optax.GradientTransformation, config: Any):
+    def init_fn(key: jax.Array, batch: Mapping[str, Any]) -> TrainState:
+        init_key, state_key = jax.random.split(key)
+        v = _init_variables(task, model, config, init_key, batch)
+        return TrainState(
+            step=jnp.zeros((), jnp.int32),
+            params=v["params"],
+            frozen=v["frozen"],
+            batch_stats=v["batch_stats"],
+            opt_state=tx.init(v["params"]),
+            rng=state_key,
+        )
+
+    return init_fn
+
+
+def _zeros(batch: Mapping[str, Any]) -> dict[str, np.ndarray]:
+    return {k: np.zeros(np.shape(x), np.asarray(x).dtype) for k, x in batch.items()}
+
+
 def create_train_state(
+    task: Task,
     config: Any,
-    model: OneRef,
+    model: nn.Module,
     tx: optax.GradientTransformation,
     mesh: Mesh,
     rules: parallel.Rules,
@@ -85,39 +119,60 @@ def create_train_state(
 ) -> tuple[TrainState, TrainState]:
     """A freshly initialised, sharded ``TrainState`` and its shardings (same structure).
 
-    ``sample_batch`` only gives input shapes and dtypes (``text_ids``, ``text_padding``,
-    ``image``; a global batch). ``rng`` is a typed key, raw key data or an int seed. When
-    ``config.init`` is set, the parameters (and BatchNorm statistics, where the source has
-    them) are replaced by the pretrained ones; see ``load_pretrained``.
+    ``sample_batch`` only gives input shapes and dtypes (a global batch). ``rng`` is a typed
+    key, raw key data or an int seed. Initial weights (``config.init``, the task's frozen
+    checkpoints) are loaded by ``load_initial``.
     """
-    inputs = tuple(
-        np.zeros(np.shape(x), np.asarray(x).dtype) for x in model_inputs(sample_batch)
+    init_fn = _state_init_fn(task, model, tx, config)
+    return parallel.create_sharded(init_fn, mesh, rules, _as_key(rng), _zeros(sample_batch))
+
+
+def _abstract(init_fn: Any, mesh: Mesh, rules: parallel.Rules, *args: Any) -> tuple[Any, Any]:
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+        boxed = jax.eval_shape(init_fn, *args)
+    shardings = parallel.logical_shardings(boxed, mesh, rules)
+    abstract = jax.tree.map(
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+        parallel.strip_boxes(boxed),
+        shardings,
     )
-
-    def init_fn(key: jax.Array, text_ids: Any, text_padding: Any, image: Any) -> TrainState:
-        init_key, state_key = jax.random.split(key)
-        variables = model.init(
-            {"params": init_key, "dropout": init_key},
-            text_ids, text_padding, image, deterministic=True,
-        )
-        params = variables["params"]
-        return TrainState(
-            step=jnp.zeros((), jnp.int32),
-            params=params,
-            batch_stats=variables.get("batch_stats", {}),
-            opt_state=tx.init(params),
-            rng=state_key,
-        )
-
-    state, shardings = parallel.create_sharded(init_fn, mesh, rules, _as_key(rng), *inputs)
-    init = config.get("init") if hasattr(config, "get") else None
-    if init:
-        state = load_pretrained(state, shardings, init)
-    return state, shardings
+    return abstract, shardings
 
 
-# ----------------------------------------------------------------------------- pretrained
-def _put(tree: Any, template: Any, shardings: Any, what: str) -> Any:
+def abstract_train_state(
+    task: Task,
+    config: Any,
+    model: nn.Module,
+    tx: optax.GradientTransformation,
+    mesh: Mesh,
+    rules: parallel.Rules,
+    sample_batch: Mapping[str, Any],
+) -> tuple[TrainState, TrainState]:
+    """``(ShapeDtypeStruct tree with shardings, shardings)`` of the train state, without
+    initialising anything: the restore target for checkpoints and the input of compile checks."""
+    init_fn = _state_init_fn(task, model, tx, config)
+    return _abstract(init_fn, mesh, rules, jax.random.key(0), _zeros(sample_batch))
+
+
+def abstract_variables(
+    task: Task,
+    config: Any,
+    model: nn.Module,
+    mesh: Mesh,
+    rules: parallel.Rules,
+    sample_batch: Mapping[str, Any],
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Like ``abstract_train_state`` for ``{"params", "frozen", "batch_stats"}`` only: what
+    inference restores (no optimizer is built or read)."""
+
+    def init_fn(key: jax.Array, batch: Mapping[str, Any]) -> dict[str, Any]:
+        return _init_variables(task, model, config, key, batch)
+
+    return _abstract(init_fn, mesh, rules, jax.random.key(0), _zeros(sample_batch))
+
+
+# ----------------------------------------------------------------------------- initial weights
+def put_like(tree: Any, template: Any, shardings: Any, what: str) -> Any:
     """``tree`` cast and placed like ``template`` (structure and shapes must match)."""
     t_struct, s_struct = jax.tree.structure(template), jax.tree.structure(tree)
     if t_struct != s_struct:
@@ -133,82 +188,59 @@ def _put(tree: Any, template: Any, shardings: Any, what: str) -> Any:
     return jax.tree_util.tree_map_with_path(one, tree, template, shardings)
 
 
-def _restore_workdir_variables(path: str) -> dict[str, Any]:
-    from refjax.train.checkpoint import Checkpointer
-
-    with Checkpointer(os.path.join(path, "checkpoints")) as ckpt:
-        step = ckpt.best_step() or ckpt.latest_step()
-        if step is None:
-            raise FileNotFoundError(f"no checkpoint under {path}/checkpoints")
-        restored = ckpt.restore(step)
-    log.info("init: variables of %s step %d", path, step)
-    return {"params": restored["params"], "batch_stats": restored.get("batch_stats") or {}}
-
-
-def load_pretrained(state: TrainState, shardings: TrainState, path: str) -> TrainState:
-    """``state`` with pretrained weights from ``path``.
-
-    ``path`` is (1) a converted BEiT-3 checkpoint (``refjax convert beit3``): replaces
-    ``params['beit3']``; (2) a converted OneRef checkpoint (a parameter tree with ``beit3`` and
-    the heads, or ``{'params', 'batch_stats'}``): replaces every subtree it holds (a REC
-    checkpoint leaves a RES head at its initialisation); or (3) a refjax train workdir: its
-    best (else latest) checkpoint's ``params`` and ``batch_stats``. The optimizer state is
-    kept (fresh AdamW moments do not depend on the parameter values).
-    """
+def read_variables(path: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``(variables, meta)`` of an initial checkpoint: a refjax train workdir (its best, else
+    latest, checkpoint's ``params``/``frozen``/``batch_stats``; meta ``{}``) or a converted
+    checkpoint written by ``refjax.convert`` (``params`` [+ ``batch_stats``] and its meta)."""
     if os.path.isdir(os.path.join(path, "checkpoints")):
-        variables = _restore_workdir_variables(path)
-    else:
-        from refjax.convert.common import load_params
+        from refjax.train.checkpoint import Checkpointer
 
-        loaded, meta = load_params(path)
-        if "params" in loaded and isinstance(loaded["params"], Mapping):
-            variables = {"params": loaded["params"], "batch_stats": loaded.get("batch_stats")}
-        elif "beit3" in loaded:
-            variables = {"params": loaded}
-        else:
-            variables = {"params": {"beit3": loaded}}
-        log.info("init: %s (%s)", path, meta.get("model", "?"))
-    params, batch_stats = dict(state.params), dict(state.batch_stats)
-    for name, sub in variables["params"].items():
-        if name not in params:
-            raise ValueError(f"init {path}: the model has no parameter subtree {name!r}")
-        params[name] = _put(sub, params[name], shardings.params[name], f"init {path}: {name}")
-    for name, sub in (variables.get("batch_stats") or {}).items():
-        if name in batch_stats:
-            batch_stats[name] = _put(sub, batch_stats[name], shardings.batch_stats[name],
-                                     f"init {path}: batch_stats/{name}")
-    return state.replace(params=params, batch_stats=batch_stats)
+        with Checkpointer(os.path.join(path, "checkpoints")) as ckpt:
+            step = ckpt.best_step() or ckpt.latest_step()
+            if step is None:
+                raise FileNotFoundError(f"no checkpoint under {path}/checkpoints")
+            variables = ckpt.restore_variables(step)
+        log.info("init: variables of %s step %d", path, step)
+        return variables, {}
+    from refjax.convert.common import load_variables
+
+    variables, meta = load_variables(path)
+    log.info("init: %s (%s)", path, meta.get("model", "?"))
+    return variables, meta
 
 
-def abstract_train_state(
-    model: OneRef,
-    tx: optax.GradientTransformation,
-    mesh: Mesh,
-    rules: parallel.Rules,
-    sample_batch: Mapping[str, Any],
-) -> tuple[TrainState, TrainState]:
-    """``(ShapeDtypeStruct tree with shardings, shardings)`` of the train state, without
-    initialising anything: the restore target for checkpoints."""
-    import flax.linen as nn
+def _replace_subtrees(
+    state_tree: Mapping[str, Any], shard_tree: Mapping[str, Any], new: Mapping[str, Any], what: str
+) -> dict[str, Any]:
+    out = dict(state_tree)
+    for name, sub in new.items():
+        if name not in out:
+            raise ValueError(f"{what}: the model has no subtree {name!r}; it has {sorted(out)}")
+        out[name] = put_like(sub, out[name], shard_tree[name], f"{what}/{name}")
+    return out
 
-    def init_fn(key: jax.Array) -> TrainState:
-        variables = model.init(
-            {"params": key, "dropout": key}, *model_inputs(sample_batch), deterministic=True
+
+def load_initial(state: TrainState, shardings: TrainState, task: Task, config: Any) -> TrainState:
+    """``state`` with ``config.init`` (mapped by ``task.map_init``) and the task's frozen
+    checkpoints (``task.frozen_init``) loaded. The optimizer state is kept (fresh AdamW
+    moments do not depend on the parameter values)."""
+    params, frozen, stats = dict(state.params), dict(state.frozen), dict(state.batch_stats)
+    init = config.get("init") if hasattr(config, "get") else None
+    if init:
+        loaded, meta = read_variables(str(init))
+        model_trees = {"params": {**params, **frozen}, "batch_stats": stats}
+        mapped = task.map_init(loaded, meta, model_trees)
+        new_params = mapped.get("params") or {}
+        trained = {k: v for k, v in new_params.items() if k in params}
+        params = _replace_subtrees(params, shardings.params, trained, f"init {init}")
+        frozen = _replace_subtrees(
+            frozen, shardings.frozen,
+            {k: v for k, v in new_params.items() if k in frozen}, f"init {init}",
         )
-        return TrainState(
-            step=jnp.zeros((), jnp.int32),
-            params=variables["params"],
-            batch_stats=variables.get("batch_stats", {}),
-            opt_state=tx.init(variables["params"]),
-            rng=key,
-        )
-
-    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-        boxed = jax.eval_shape(init_fn, jax.random.key(0))
-    shardings = parallel.logical_shardings(boxed, mesh, rules)
-    abstract = jax.tree.map(
-        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-        parallel.strip_boxes(boxed),
-        shardings,
-    )
-    return abstract, shardings
+        stats = _replace_subtrees(stats, shardings.batch_stats, mapped.get("batch_stats") or {},
+                                  f"init {init}: batch_stats")
+    for name, path in task.frozen_init(config).items():
+        loaded, _ = read_variables(path)
+        tree = loaded.get("frozen", {}).get(name) or loaded["params"]
+        frozen = _replace_subtrees(frozen, shardings.frozen, {name: tree}, f"frozen {path}")
+    return state.replace(params=params, frozen=frozen, batch_stats=stats)

@@ -1,17 +1,21 @@
-"""The OneRef REC/RES trainer: ``train``, ``evaluate`` and ``load_for_inference``.
+"""The task-agnostic trainer: ``train``, ``evaluate`` and ``load_for_inference``.
+
+``config.task`` names the task (``refjax.tasks``); nothing here knows which one it is.
 
 Workdir layout::
 
-    config.json            the resolved config (written at train start; rebuilds the model)
-    checkpoints/<step>/    Orbax: train state + grain iterator (latest ``train.keep`` + best)
+    config.json            the resolved config (written when a run starts; rebuilds the model)
+    checkpoints/<step>/    Orbax: variables + train state + grain iterator (latest ``keep`` + best)
     metrics.jsonl, events.*    train/eval scalars (JSONL + TensorBoard; process 0 only)
-    metrics.json           final evaluation of every ``eval.splits`` split (overall + per kind)
+    metrics.json           final evaluation of every ``eval.splits`` split
     eval_step<N>.json      ``evaluate`` results
 
 Training resumes from the latest complete checkpoint in the workdir: state and data iterator
 continue exactly, so the losses after a restart equal those of an uninterrupted run. After a
 crash, the steps between the last checkpoint and the crash appear twice in metrics.jsonl (the
-later record is the valid one).
+later record is the valid one). A workdir holding a run with a *different* config is an error
+naming the differing keys, unless ``resume=True`` (continue with the new config; ``config.json``
+keeps the original) or ``overwrite=True`` (start afresh).
 """
 
 from __future__ import annotations
@@ -20,39 +24,45 @@ import json
 import logging
 import math
 import os
+import shutil
 import sys
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
-import flax.linen as nn
 import jax
 import ml_collections
-import numpy as np
 
 from refjax import parallel
-from refjax.data.pipeline import cfg_get, make_pipeline
-from refjax.data.transforms import KINDS
-from refjax.evaluate.metrics import MetricAccumulator
-from refjax.models.beit3 import VARIANTS
-from refjax.models.oneref import OneRef
+from refjax.data.pipeline import make_pipeline
+from refjax.tasks import Task, get_task
 from refjax.train import config as config_lib
+from refjax.train import setup as setup_lib
 from refjax.train.checkpoint import Checkpointer, NonFiniteStateError, check_finite
-from refjax.train.logging import MetricWriter, ProgressBar
-from refjax.train.optim import make_optimizer
-from refjax.train.state import (
-    TrainState,
-    abstract_train_state,
-    build_model,
-    create_train_state,
-)
-from refjax.train.steps import jit_steps, local_rows, make_eval_step, make_train_step
+from refjax.train.evaluator import evaluate_split
+from refjax.train.logging import MetricWriter, ProgressBar, read_jsonl
+from refjax.train.state import abstract_train_state, abstract_variables
+from refjax.train.steps import jit_eval_step, make_eval_step
 
 log = logging.getLogger(__name__)
 
 CONFIG_FILE = "config.json"
 CKPT_DIR = "checkpoints"
 METRICS_FILE = "metrics.json"
+METRICS_JSONL = "metrics.jsonl"
+
+
+# Keys that change how a run is operated, not what it computes: a restart may change them
+# without being a different run.
+OPERATIONAL_KEYS = (
+    "train.progress", "train.stop_after", "train.stop_hang", "train.log_every",
+    "train.async_checkpoint", "train.eval_max_batches", "data.num_workers", "data.read_threads",
+    "data.prefetch_buffer", "data.next_timeout_s",
+)
+
+
+class ConfigMismatchError(ValueError):
+    """The workdir holds a run whose saved config differs from the one passed to ``train``."""
 
 
 # ----------------------------------------------------------------------------- setup
@@ -69,58 +79,35 @@ def _write_json(path: str, obj: Any) -> None:
 
 def prepare_data(config: Any) -> None:
     """Build RefShapes if the config trains on it and it is absent (process 0 builds)."""
-    if cfg_get(config, "dataset") != "refshapes":
+    if config.data.dataset != "refshapes":
         return
     from refjax.data.build import ensure_refshapes
 
-    data_dir = os.path.expanduser(cfg_get(config, "data_dir"))
-    name = cfg_get(config, "dataset_config") or "default"
+    data_dir = os.path.expanduser(config.data.data_dir)
     if _is_main():
-        ensure_refshapes(data_dir, name)
+        ensure_refshapes(data_dir, config.data.dataset_config or "default")
     if jax.process_count() > 1:
         from jax.experimental import multihost_utils
 
         multihost_utils.sync_global_devices("refjax_prepare_data")
 
 
-def _open_source(config: Any, split: str) -> Any:
-    from refjax.data.sources import open_scenes
-
-    return open_scenes(cfg_get(config, "dataset"), split, cfg_get(config, "data_dir"),
-                       cfg_get(config, "dataset_config"))
-
-
 def resolve_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-    """A locked copy with ``data.data_dir`` expanded and ``model.vocab_size`` filled in
-    (tiny: the dataset tokenizer's size; other variants: the BEiT-3 vocabulary)."""
+    """A locked copy with ``data.data_dir`` expanded and the task's derived values filled in
+    (``Task.resolve_config``, e.g. a vocabulary size read from the dataset's tokenizer)."""
     c = config_lib.from_json(config.to_json())
     with c.unlocked():
         if c.data.data_dir:
             c.data.data_dir = os.path.abspath(os.path.expanduser(c.data.data_dir))
-        if c.model.vocab_size is None:
-            if c.model.variant == "tiny":
-                from refjax.data.tokenizers import BEIT3_FILE, load_beit3_tokenizer
-
-                path = c.data.tokenizer_path or _open_source(c, "train").file(BEIT3_FILE)
-                c.model.vocab_size = len(load_beit3_tokenizer(str(path)))
-            else:
-                c.model.vocab_size = VARIANTS[c.model.variant].get("vocab_size", 64010)
+        get_task(c.task).resolve_config(c)
     return c
-
-
-def sample_batch(config: Any, batch_size: int) -> dict[str, np.ndarray]:
-    """Zero model inputs of the configured shapes (for init and abstract states)."""
-    size, n = int(config.data.image_size), int(config.data.max_text_len)
-    return {
-        "text_ids": np.zeros((batch_size, n), np.int32),
-        "text_padding": np.zeros((batch_size, n), np.int32),
-        "image": np.zeros((batch_size, size, size, 3), np.float32),
-    }
 
 
 def schedule_lengths(config: Any) -> tuple[int, int]:
     """``(total_steps, steps_per_epoch)``: an epoch is one pass over the train expressions."""
-    n = len(_open_source(config, "train").expression_index())
+    from refjax.data.sources import open_split
+
+    n = len(open_split(config.data, "train").expression_index())
     steps_per_epoch = max(1, n // int(config.data.batch_size))
     total = config.train.total_steps
     if not total:
@@ -136,110 +123,112 @@ def _checkpointer(config: Any, workdir: str) -> Checkpointer:
         os.path.join(workdir, CKPT_DIR),
         max_to_keep=int(config.train.keep),
         best_fn=lambda m: float(m[metric]),
-        best_mode="max",
+        best_mode=str(config.train.best_mode),
         async_save=bool(config.train.async_checkpoint),
     )
 
 
-# ----------------------------------------------------------------------------- evaluation
-def _split_result(acc: MetricAccumulator) -> dict[str, Any]:
-    flat = acc.result()
-    overall = {k: v for k, v in flat.items() if "/" not in k}
-    per_kind: dict[str, dict[str, float]] = {}
-    for key, value in flat.items():
-        if "/" in key:
-            kind, name = key.rsplit("/", 1)
-            per_kind.setdefault(kind, {})[name] = value
-    return {"overall": overall,
-            "per_kind": {k: v for k, v in per_kind.items() if v.get("count", 0) > 0}}
+def config_diff(saved: Any, new: Any) -> list[str]:
+    """Dotted keys whose values differ between two configs (JSON view), sorted."""
+
+    def flat(x: Any, prefix: str = "") -> dict[str, Any]:
+        if isinstance(x, Mapping):
+            out: dict[str, Any] = {}
+            for k, v in x.items():
+                out.update(flat(v, f"{prefix}{k}."))
+            return out
+        return {prefix[:-1]: x}
+
+    a = flat(json.loads(saved.to_json()) if hasattr(saved, "to_json") else saved)
+    b = flat(json.loads(new.to_json()) if hasattr(new, "to_json") else new)
+    return sorted(k for k in set(a) | set(b) if a.get(k, "<absent>") != b.get(k, "<absent>"))
 
 
-def run_eval(
-    jitted_eval: Any, state: TrainState, config: Any, split: str, mesh: Any,
-    max_batches: int = 0,
-) -> dict[str, Any]:
-    """Metrics of ``state`` on ``split`` (all processes reduced): overall and per kind.
+def _claim_workdir(config: Any, workdir: str, resume: bool, overwrite: bool) -> None:
+    """Check a workdir against a saved run (module docstring); write ``config.json`` for a new
+    run."""
+    path = os.path.join(workdir, CONFIG_FILE)
+    if os.path.isfile(path):
+        diff = [k for k in config_diff(load_config_json(workdir), config)
+                if k not in OPERATIONAL_KEYS]
+        if diff and overwrite:
+            log.warning("overwriting the run in %s (config differs in %s)", workdir, diff)
+            if _is_main():
+                for name in (CKPT_DIR, CONFIG_FILE, METRICS_FILE, METRICS_JSONL):
+                    p = os.path.join(workdir, name)
+                    if os.path.isdir(p):
+                        shutil.rmtree(p)
+                    elif os.path.exists(p):
+                        os.remove(p)
+        elif diff and not resume:
+            raise ConfigMismatchError(
+                f"{workdir} holds a run whose config differs in {diff}; pass resume=True "
+                "(CLI --resume) to continue it with the new config, overwrite=True "
+                "(--overwrite) to start afresh, or choose another workdir"
+            )
+        elif diff:
+            log.warning("resuming %s with a config that differs in %s (config.json keeps the "
+                        "original)", workdir, diff)
+            return
+        else:
+            return
+    if _is_main():
+        _write_json(path, json.loads(config.to_json()))
 
-    Call under the mesh and rules context.
-    """
-    with make_pipeline(config, split, train=False, seed=0) as it:
-        n = it.num_batches if not max_batches else min(max_batches, it.num_batches or 0)
-        return evaluate_batches(jitted_eval, state, (b for _, b in zip(range(n), it)), mesh)
 
-
-def evaluate_batches(
-    jitted_eval: Any, state: TrainState, batches: Iterable[Mapping[str, Any]], mesh: Any
-) -> dict[str, Any]:
-    """Metrics of ``state`` over this process's host ``batches`` (all processes reduced):
-    ``{"overall": {...}, "per_kind": {kind: {...}}}``. Call under the mesh and rules context."""
-    acc = MetricAccumulator(kinds=KINDS)
-    for batch in batches:
-        out = jitted_eval(state, parallel.host_batch_to_global(batch, mesh))
-        m = {k: local_rows(v) for k, v in out.items()}
-        kinds = [KINDS[int(k)] if 0 <= k < len(KINDS) else KINDS[0] for k in m.pop("kind")]
-        acc.update(m, kinds=kinds)
-    return _split_result(acc.allreduce())
-
-
-def _eval_splits(
-    jitted_eval: Any, state: TrainState, config: Any, splits: Iterable[str], mesh: Any
-) -> dict[str, Any]:
-    return {s: run_eval(jitted_eval, state, config, s, mesh) for s in splits}
+def _warn_schedule(config: Any, total_steps: int) -> None:
+    warm = int(config.optim.warmup_steps)
+    if warm >= total_steps:
+        log.warning("optim.warmup_steps=%d >= the run's %d steps: the learning rate never "
+                    "reaches optim.lr=%g", warm, total_steps, float(config.optim.lr))
 
 
 # ----------------------------------------------------------------------------- train
-def _flatten_eval(prefix: str, res: Mapping[str, Any]) -> dict[str, float]:
-    out = {f"{prefix}/{k}": v for k, v in res["overall"].items()}
-    for kind, vals in res["per_kind"].items():
-        out.update({f"{prefix}/{kind}/{k}": v for k, v in vals.items()})
-    return out
-
-
-def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
-    """Train (resuming from ``workdir`` if it has checkpoints); returns the final metrics.
+def train(
+    config: ml_collections.ConfigDict,
+    workdir: str,
+    *,
+    resume: bool = False,
+    overwrite: bool = False,
+) -> dict[str, Any]:
+    """Train ``config`` in ``workdir`` (resuming a run with the same config); returns the final
+    metrics.
 
     The return value (also ``workdir/metrics.json``) is ``{"step", "train": last train
-    metrics, "splits": {split: {"overall": {...}, "per_kind": {kind: {...}}}}}``.
+    metrics, "splits": {split: flat metrics}}``. See the module docstring for ``resume`` and
+    ``overwrite``. Read the training curve back with ``read_curve(workdir)``.
     """
     workdir = os.path.abspath(workdir)
     os.makedirs(workdir, exist_ok=True)
     prepare_data(config)
     config = resolve_config(config)
-    if _is_main():
-        _write_json(os.path.join(workdir, CONFIG_FILE), json.loads(config.to_json()))
+    _claim_workdir(config, workdir, resume, overwrite)
 
-    mesh = parallel.create_mesh(config.mesh)
-    rules = parallel.rules_for(config.layout)
-    model = build_model(config)
     total_steps, steps_per_epoch = schedule_lengths(config)
-    tx, schedule = make_optimizer(config.optim, total_steps, steps_per_epoch)
-    gbs = int(config.data.batch_size)
-    state, shardings = create_train_state(
-        config, model, tx, mesh, rules, int(config.train.seed), sample_batch(config, gbs)
-    )
-    train_it = make_pipeline(config, "train", train=True, seed=int(config.train.seed))
+    _warn_schedule(config, total_steps)
+    s = setup_lib.build(config, total_steps=total_steps, steps_per_epoch=steps_per_epoch)
+    task, state, mesh = s.task, s.state, s.mesh
+    train_it = make_pipeline(config.data, "train", task=task.data_task(config), train=True,
+                             seed=int(config.train.seed))
     ckpt = _checkpointer(config, workdir)
     start = ckpt.latest_step()
     if start is not None:
         from refjax.train.checkpoint import abstract_tree
 
-        state = ckpt.restore(start, target=abstract_tree(state, shardings), data_iter=train_it)
+        state = ckpt.restore(start, target=abstract_tree(state, s.shardings), data_iter=train_it)
         log.info("resumed from %s step %d", ckpt.directory, start)
     step = int(jax.device_get(state.step))
 
-    jtrain, jeval = jit_steps(
-        make_train_step(model, tx, config), make_eval_step(model, config), shardings, mesh
-    )
     tc = config.train
+    gbs = int(config.data.batch_size)
     writer = MetricWriter(workdir)
     bar = ProgressBar(total_steps, initial=step, disable=not tc.progress, file=sys.stderr)
     last: dict[str, Any] = {}
     t0, s0 = time.perf_counter(), step
     try:
-        with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+        with s.activate():
             while step < total_steps:
-                batch = parallel.host_batch_to_global(next(train_it), mesh)
-                state, metrics = jtrain(state, batch)
+                state, metrics = s.train_step(state, s.global_batch(next(train_it)))
                 step += 1
                 logging_now = step % int(tc.log_every) == 0 or step == total_steps
                 eval_now = bool(tc.eval_every) and step % int(tc.eval_every) == 0
@@ -255,7 +244,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
                     dt = time.perf_counter() - t0
                     rate = {"steps_per_sec": (step - s0) / dt,
                             "examples_per_sec": (step - s0) * gbs / dt}
-                    writer.write(step, {**last, "lr": float(schedule(step - 1)), **rate})
+                    writer.write(step, {**last, "lr": float(s.schedule(step - 1)), **rate})
                     bar.update(step, loss=last["loss"], examples=(step - s0) * gbs)
                     t0, s0 = time.perf_counter(), step
                 else:
@@ -263,9 +252,10 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
                 ckpt_metrics = None
                 if eval_now:
                     split = "val" if "val" in config.eval.splits else config.eval.splits[0]
-                    res = run_eval(jeval, state, config, split, mesh, int(tc.eval_max_batches))
-                    writer.write(step, _flatten_eval(split, res))
-                    ckpt_metrics = dict(res["overall"])
+                    res = evaluate_split(task, config, s.eval_step, state.variables(), split,
+                                         mesh, int(tc.eval_max_batches))
+                    writer.write(step, {f"{split}/{k}": v for k, v in res.items()})
+                    ckpt_metrics = res
                 if save_now:
                     if not check_finite(last):
                         raise NonFiniteStateError(f"non-finite metrics at step {step}: {last}")
@@ -280,39 +270,101 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
                         time.sleep(1.0)
                     return {"step": step, "train": last, "stopped": True}
             ckpt.wait_until_finished()
-            result = {"step": step, "train": last,
-                      "splits": _eval_splits(jeval, state, config, config.eval.splits, mesh)}
+            splits = {sp: evaluate_split(task, config, s.eval_step, state.variables(), sp, mesh)
+                      for sp in config.eval.splits}
     finally:
         bar.close()
         writer.close()
         ckpt.close()
         train_it.close()  # stops worker processes and frees their shared memory
+    if not last:  # nothing trained in this call (a finished run): keep the recorded metrics
+        last = _last_train_record(workdir)
+    result = {"step": step, "train": last, "splits": splits}
     if _is_main():
         _write_json(os.path.join(workdir, METRICS_FILE), result)
     return result
 
 
+def read_curve(workdir: str, prefix: str | None = None) -> list[dict[str, Any]]:
+    """The training curve of a run: the records of ``metrics.jsonl`` in step order, the later
+    record winning for a step logged twice (after a crash); ``prefix`` keeps train records
+    (``"train"``: those with a ``loss``) or one split's eval records (e.g. ``"val"``)."""
+    path = os.path.join(workdir, METRICS_JSONL)
+    if not os.path.isfile(path):
+        return []
+    by_step: dict[tuple[int, bool], dict[str, Any]] = {}
+    for rec in read_jsonl(path):
+        is_eval = any("/" in k for k in rec)
+        by_step[(int(rec["step"]), is_eval)] = rec
+    records = [by_step[k] for k in sorted(by_step)]
+    if prefix == "train":
+        return [r for r in records if "loss" in r]
+    if prefix:
+        return [r for r in records if any(k.startswith(prefix + "/") for k in r)]
+    return records
+
+
+def _last_train_record(workdir: str) -> dict[str, Any]:
+    curve = read_curve(workdir, "train")
+    if not curve:
+        return {}
+    return {k: v for k, v in curve[-1].items() if k not in ("step", "time")}
+
+
 # ----------------------------------------------------------------------------- restore
 def load_config_json(workdir: str) -> ml_collections.ConfigDict:
-    with open(os.path.join(workdir, CONFIG_FILE), encoding="utf-8") as f:
+    path = os.path.join(workdir, CONFIG_FILE)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{workdir} is not a refjax run directory (no {CONFIG_FILE})")
+    with open(path, encoding="utf-8") as f:
         return config_lib.from_json(f.read())
 
 
-def _restore_state(
-    config: Any, workdir: str, step: int | None, mesh: Any, rules: Any
-) -> tuple[OneRef, TrainState, TrainState, int]:
-    model = build_model(config)
-    tx, _ = make_optimizer(config.optim, max(int(config.train.total_steps or 1), 1), 1)
-    abstract, shardings = abstract_train_state(
-        model, tx, mesh, rules, sample_batch(config, mesh.devices.size)
-    )
+def restore_variables(
+    config: Any,
+    workdir: str,
+    step: int | None = None,
+    mesh: Any = None,
+    rules: Any = None,
+) -> tuple[Task, Any, dict[str, Any], Any, int]:
+    """``(task, model, variables, variable shardings, step)`` of a checkpoint of ``workdir``
+    (default: the best, else the latest): params, frozen variables and batch statistics only,
+    restored onto ``mesh`` (default ``config.mesh``; any shape: Orbax reshards) without
+    building an optimizer or reading its state."""
+    task = get_task(config.task)
+    model = task.build_model(config)
+    mesh = mesh if mesh is not None else parallel.create_mesh(config.mesh)
+    rules = rules if rules is not None else parallel.rules_for(config.layout)
+    sample = task.dummy_batch(config, mesh.devices.size)
+    abstract, shardings = abstract_variables(task, config, model, mesh, rules, sample)
     with _checkpointer(config, workdir) as ckpt:
         if step is None:
             step = ckpt.best_step() or ckpt.latest_step()
         if step is None:
             raise FileNotFoundError(f"no checkpoint in {workdir}/{CKPT_DIR}")
+        variables = ckpt.restore_variables(step, target=abstract)
+    return task, model, variables, shardings, int(step)
+
+
+def restore_train_state(config: Any, workdir: str, step: int | None = None, mesh: Any = None,
+                        rules: Any = None) -> tuple[Any, Any, int]:
+    """``(state, shardings, step)``: the whole train state (optimizer included) of a
+    checkpoint, onto ``mesh`` (e.g. a different shape than the run that wrote it)."""
+    task = get_task(config.task)
+    model = task.build_model(config)
+    mesh = mesh if mesh is not None else parallel.create_mesh(config.mesh)
+    rules = rules if rules is not None else parallel.rules_for(config.layout)
+    from refjax.train.optim import make_optimizer
+
+    tx, _ = make_optimizer(config.optim, max(int(config.train.total_steps or 1), 1), 1)
+    sample = task.dummy_batch(config, mesh.devices.size)
+    abstract, shardings = abstract_train_state(task, config, model, tx, mesh, rules, sample)
+    with _checkpointer(config, workdir) as ckpt:
+        step = ckpt.latest_step() if step is None else step
+        if step is None:
+            raise FileNotFoundError(f"no checkpoint in {workdir}/{CKPT_DIR}")
         state = ckpt.restore(step, target=abstract)
-    return model, state, shardings, int(step)
+    return state, shardings, int(step)
 
 
 def evaluate(
@@ -326,15 +378,23 @@ def evaluate(
     Writes ``workdir/eval_step<N>.json`` and returns ``{"step", "splits": {...}}``.
     """
     workdir = os.path.abspath(workdir)
+    if not os.path.isdir(workdir):
+        raise FileNotFoundError(f"workdir {workdir} does not exist")
     config = load_config_json(workdir) if config is None else resolve_config(config)
     prepare_data(config)
     splits = tuple(splits or config.eval.splits)
     mesh = parallel.create_mesh(config.mesh)
     rules = parallel.rules_for(config.layout)
-    model, state, shardings, step = _restore_state(config, workdir, step, mesh, rules)
-    _, jeval = jit_steps(lambda s, b: (s, {}), make_eval_step(model, config), shardings, mesh)
-    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-        result = {"step": step, "splits": _eval_splits(jeval, state, config, splits, mesh)}
+    task, model, variables, shardings, step = restore_variables(config, workdir, step, mesh,
+                                                                rules)
+    eval_step = jit_eval_step(make_eval_step(task, model, config), shardings, mesh)
+    with jax.set_mesh(mesh):
+        import flax.linen as nn
+
+        with nn.logical_axis_rules(rules):
+            result = {"step": step, "splits": {
+                sp: evaluate_split(task, config, eval_step, variables, sp, mesh) for sp in splits
+            }}
     if _is_main():
         _write_json(os.path.join(workdir, f"eval_step{step}.json"), result)
     return result
@@ -342,11 +402,13 @@ def evaluate(
 
 def load_for_inference(
     workdir: str, step: int | None = None
-) -> tuple[OneRef, dict[str, Any], ml_collections.ConfigDict]:
-    """``(model, {'params', 'batch_stats'}, config)`` from a train workdir's checkpoint
-    (default: the best, else the latest), parameters replicated over all local devices."""
-    config = load_config_json(os.path.abspath(workdir))
+) -> tuple[Task, Any, dict[str, Any], ml_collections.ConfigDict]:
+    """``(task, model, variables, config)`` from a train workdir's checkpoint (default: the
+    best, else the latest): ``{"params", "frozen", "batch_stats"}`` replicated over all local
+    devices; no optimizer state is built or read."""
+    workdir = os.path.abspath(workdir)
+    config = load_config_json(workdir)
     mesh = parallel.create_mesh({"data": -1}, jax.local_devices())
     rules = parallel.rules_for("dp")
-    model, state, _, _ = _restore_state(config, os.path.abspath(workdir), step, mesh, rules)
-    return model, {"params": state.params, "batch_stats": state.batch_stats}, config
+    task, model, variables, _, _ = restore_variables(config, workdir, step, mesh, rules)
+    return task, model, variables, config

@@ -2,13 +2,18 @@
 
 - input checks that raise :class:`BadRecordError` naming the record and the field (image files,
   COCO boxes, COCO polygon/RLE segmentations, texts) and :class:`BadRecordPolicy`, which raises
-  them or, with ``skip_bad_records``, logs and counts them;
-- COCO ``instances.json`` indexing (images, annotations per image, category names);
+  them or, with ``skip_bad_records``, logs and counts them (and a split left with no record
+  raises :class:`EmptySplitError` naming the split and what was skipped);
+- COCO ``instances.json`` indexing (images, annotations per image, category names, and where
+  an annotation id belongs, for "annotation N is not in the image" errors);
 - :func:`scene_record`, which lays objects/expressions/pool out in the scheme of
   ``refjax.data.schema`` (CSR target/ref lists, row-major ``pool_ioa``);
 - :class:`SceneBuilder`, the tfds base class: scene features, ``disable_shuffling``, the
   ``manual_dir``/``skip_bad_records`` constructor arguments, and the per-split metadata
   (``expressions_per_record`` and ``skipped_bad_records``).
+
+Builder modules list their builders in a ``BUILDERS`` table (dataset name -> class);
+``refjax.data.build.get_builder``/``build_dataset`` construct and prepare them.
 """
 
 from __future__ import annotations
@@ -42,6 +47,8 @@ from refjax.data.schema import EXPRESSIONS_PER_RECORD, NO_SPAN, scene_features
 SKIPPED_BAD_RECORDS = "skipped_bad_records"
 # A COCO box may overshoot the image by this many pixels (float rounding); it is then clipped.
 BOX_TOLERANCE = 1.0
+# Skipped inputs listed by name in an EmptySplitError (the rest are counted).
+MAX_LISTED_SKIPS = 20
 # Split order of the refer/grefer annotation files; other split names follow, sorted.
 CANONICAL_SPLITS = ("train", "val", "testA", "testB", "test")
 # Decoded image modes/formats whose bytes are stored as given; anything else is re-encoded (PNG).
@@ -69,36 +76,71 @@ class SceneObject:
 @dataclass
 class Expression:
     id: str
-    text: str
+    text: str  # what models read (refer: the normalised ``sent``)
     kind: str
     targets: list[int]  # indices into the scene's objects
     refs: list[int] = field(default_factory=list)  # indices into the scene's objects
+    raw: str = ""  # the sentence as written (case, punctuation); "" = same as ``text``
+
+
+class EmptySplitError(BadRecordError):
+    """Every record of a split was skipped as bad input: names the split and the skips."""
+
+    def __init__(self, dataset: str, split: str, summary: dict[str, int], skipped: list[str]):
+        listed = "; ".join(skipped[:MAX_LISTED_SKIPS])
+        more = len(skipped) - MAX_LISTED_SKIPS
+        if more > 0:
+            listed += f"; and {more} more"
+        super().__init__(
+            f"{dataset}/{split}",
+            "records",
+            f"every record of split {split!r} was skipped as bad input (skipped {summary}): "
+            f"{listed or 'nothing was skipped, the split has no input'}",
+        )
+        self.split = split
+        self.summary = summary
+        self.skipped = skipped
 
 
 class BadRecordPolicy:
     """Raise bad-input errors, or (``skip=True``) log them and count them per unit.
 
-    Units: ``records`` (a whole scene/sample), ``objects`` (one annotation), ``expressions``.
-    Counts are of items dropped: a dropped record also adds its expressions to ``expressions``,
-    and expressions whose target object was dropped are counted there too.
+    Units: ``records`` (a whole scene/sample), ``objects`` (one annotation), ``expressions``,
+    and for the refer-format builders ``refs`` (a ref dropped whole: no sentences, a missing or
+    bad target annotation, or its image dropped). Counts are of items dropped: a dropped record
+    also adds its refs and expressions, a dropped ref its expressions, and expressions whose
+    target object was dropped are counted too. ``skipped`` lists each handled error as
+    ``"<record id> (<field>): <reason>"``.
     """
 
     UNITS = ("records", "objects", "expressions")
 
-    def __init__(self, skip: bool):
+    def __init__(self, skip: bool, units: Sequence[str] = UNITS):
         self.skip = skip
+        self.units = tuple(units)
         self.counts: collections.Counter[str] = collections.Counter()
+        self.skipped: list[str] = []
 
     def handle(self, err: BadRecordError, unit: str, n: int = 1) -> None:
-        if unit not in self.UNITS:
-            raise ValueError(f"unknown unit {unit!r}")
+        """Raise ``err`` or (skip mode) log it and count ``n`` dropped ``unit``."""
+        self._check(unit)
         if not self.skip:
             raise err
         logging.warning("skip_bad_records: skipping %d %s: %s", n, unit, err)
         self.counts[unit] += n
+        self.skipped.append(f"{err.record_id} ({err.field}): {err.reason}")
+
+    def add(self, unit: str, n: int) -> None:
+        """Count ``n`` more dropped ``unit`` (items dropped along with a handled error)."""
+        self._check(unit)
+        self.counts[unit] += n
+
+    def _check(self, unit: str) -> None:
+        if unit not in self.units:
+            raise ValueError(f"unknown unit {unit!r}; expected one of {self.units}")
 
     def summary(self) -> dict[str, int]:
-        return {u: int(self.counts[u]) for u in self.UNITS}
+        return {u: int(self.counts[u]) for u in self.units}
 
 
 # ----------------------------------------------------------------------------- input checks
@@ -263,6 +305,7 @@ class CocoIndex:
     images: dict[int, dict]
     anns_by_image: dict[int, list[dict]]
     categories: dict[int, str]
+    image_of_ann: dict[int, int] = field(default_factory=dict)  # annotation id -> image id
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> CocoIndex:
@@ -275,7 +318,17 @@ class CocoIndex:
         for lst in anns.values():
             lst.sort(key=lambda a: int(a["id"]))
         cats = {int(c["id"]): str(c["name"]) for c in data.get("categories", [])}
-        return cls(images, dict(anns), cats)
+        image_of = {int(a["id"]): int(a["image_id"]) for a in data["annotations"]}
+        return cls(images, dict(anns), cats, image_of)
+
+    def ann_not_in_image(self, ann_id: int, image_id: int) -> str:
+        """Why annotation ``ann_id`` is not an object of image ``image_id`` (for errors)."""
+        owner = self.image_of_ann.get(int(ann_id))
+        if owner is None:
+            return f"annotation {ann_id} is not in instances.json"
+        if owner != int(image_id):
+            return f"annotation {ann_id} belongs to image {owner}, not to image {image_id}"
+        return f"annotation {ann_id} of image {image_id} was not loaded"
 
     def image_file(self, image_id: int) -> str:
         """The image's file name (``COCO_train2014_%012d.jpg`` when instances.json lacks it)."""
@@ -350,6 +403,7 @@ def scene_record(
             {
                 "id": e.id,
                 "text": e.text,
+                "raw": e.raw or e.text,
                 "kind": e.kind,
                 "target_start": len(targets),
                 "target_count": len(e.targets),
@@ -387,12 +441,6 @@ def scene_record(
     }
 
 
-def prepare(builder: tfds.core.DatasetBuilder) -> str:
-    """Prepare a builder (ArrayRecord; raw files from its ``manual_dir``); its version dir."""
-    builder.download_and_prepare()
-    return str(builder.data_path)
-
-
 # ----------------------------------------------------------------------------- base builder
 class SceneBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     """Base of the real-data builders: one scene record per image (see refjax.data.schema).
@@ -404,10 +452,15 @@ class SceneBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     BuilderConfig fields because tfds refuses a custom config named like a registered one.
     """
 
-    VERSION = tfds.core.Version("1.0.0")
-    RELEASE_NOTES = {"1.0.0": "Scene records (refjax.data.schema)."}
+    VERSION = tfds.core.Version("1.1.0")
+    RELEASE_NOTES = {
+        "1.0.0": "Scene records (refjax.data.schema).",
+        "1.1.0": "Expressions keep the raw sentence (field 'raw') beside the normalised text.",
+    }
     HOMEPAGE = ""
     DESCRIPTION = ""
+    # Units of the skipped_bad_records counts (see BadRecordPolicy).
+    SKIP_UNITS: tuple[str, ...] = BadRecordPolicy.UNITS
 
     def __init__(
         self,
@@ -443,11 +496,13 @@ class SceneBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
         return {split: self._generate_examples(split, items) for split, items in work.items()}
 
     def _generate_examples(self, split: str, items: Sequence[Any]):
-        policy = BadRecordPolicy(self.skip_bad_records)
+        policy = BadRecordPolicy(self.skip_bad_records, self.SKIP_UNITS)
         counts = []
         for key, record in self._scenes(items, policy):
             counts.append(len(record["expressions"]))
             yield key, record
+        if not counts:  # tfds would fail on the empty split without saying why
+            raise EmptySplitError(self.name, split, policy.summary(), policy.skipped)
         self.info.metadata.setdefault(EXPRESSIONS_PER_RECORD, {})[split] = counts
         self.info.metadata.setdefault(SKIPPED_BAD_RECORDS, {})[split] = policy.summary()
         if sum(policy.counts.values()):

@@ -10,14 +10,14 @@ and the README's ``grefcoco/`` layout). The manual dir holds, directly or under 
 - COCO train2014 images in ``train2014/`` (or ``images/mscoco/images/train2014/``).
 
 Builder ``grefcoco``, config ``unc``; splits train/val/testA/testB (those in the file). One
-record per image and split; one expression per sentence (kind ``gres``), targets = the indices
-of the ref's ``ann_id`` list among the objects (empty for no-target refs).
+record per image and split; one expression per sentence (kind ``gres``; text = ``sent``, raw =
+``raw`` or ``sent``, as for RefCOCO), targets = the indices of the ref's ``ann_id`` list among
+the objects (empty for no-target refs). Skip counts as for RefCOCO (with the unit ``refs``).
 """
 
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -75,45 +75,18 @@ class GRefCoco(CocoRefBuilder):
         try:
             ids = target_ann_ids(ref)
             if any(a in bad_anns for a in ids):  # skipped (and counted) with its annotation
-                policy.counts["expressions"] += len(sentences)
+                self._drop_ref(policy, None, len(sentences))
                 return []
             missing = [a for a in ids if a not in obj_index]
             if missing:
-                raise BadRecordError(rid, "ann_id", f"annotations {missing} are not in the image")
+                image_id = int(ref["image_id"])
+                why = "; ".join(self._index.ann_not_in_image(a, image_id) for a in missing)
+                raise BadRecordError(rid, "ann_id", why)
         except BadRecordError as e:
-            policy.handle(e, "expressions", len(sentences))
+            self._drop_ref(policy, e, len(sentences))
             return []
         return self._sentences(rid, sentences, [obj_index[a] for a in ids], policy)
 
 
-def builder_for(
-    name: str,
-    config: str | None,
-    data_dir: str | os.PathLike | None,
-    manual_dir: str | os.PathLike | None,
-    *,
-    skip_bad_records: bool = False,
-) -> GRefCoco:
-    """The ``grefcoco`` builder (config None or ``unc``), writing ArrayRecord under data_dir."""
-    if name != "grefcoco":
-        raise ValueError(f"unknown dataset {name!r}; expected 'grefcoco'")
-    return GRefCoco(
-        config=config,
-        data_dir=None if data_dir is None else os.fspath(data_dir),
-        manual_dir=manual_dir,
-        skip_bad_records=skip_bad_records,
-        file_format="array_record",
-    )
+BUILDERS: dict[str, type[GRefCoco]] = {"grefcoco": GRefCoco}
 
-
-def build(
-    name: str,
-    config: str | None,
-    data_dir: str | os.PathLike | None,
-    manual_dir: str | os.PathLike | None,
-    *,
-    skip_bad_records: bool = False,
-) -> str:
-    """Prepare ``builder_for(...)`` and return its version dir (``refjax.data.build`` hook)."""
-    b = builder_for(name, config, data_dir, manual_dir, skip_bad_records=skip_bad_records)
-    return cc.prepare(b)

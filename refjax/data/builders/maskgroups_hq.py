@@ -18,8 +18,8 @@ Mapping (assumptions marked [A], since the release's layout is not confirmed by 
 - [A] the k-th human turn goes with ``gt_mask_group[k]`` (one group per turn; the counts
   must match); each pair is one expression, id ``<sample id>:<k>``, text = the human value
   without ``<image>``/``<mask_pool>`` (``<mask-ref>`` kept), kind ``ores_ref`` when it has
-  ``<mask-ref>``, else ``ores``; targets = the group's indices into gt_mask_pool (= objects;
-  NOT into mask_pool);
+  ``<mask-ref>``, else ``ores``; raw = text (the query keeps its case and punctuation);
+  targets = the group's indices into gt_mask_pool (= objects; NOT into mask_pool);
 - [A] reference masks: an optional field ``ref_mask_indices``, one list per human turn of
   indices into gt_mask_pool, one per ``<mask-ref>`` occurrence in order. A ``<mask-ref>`` turn
   without it is a BadRecordError (field ``ref_mask_indices``);
@@ -33,7 +33,6 @@ Bad input ids are the sample ``id`` (expressions: ``<id>:<k>``), fields name the
 from __future__ import annotations
 
 import json
-import os
 import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -202,7 +201,7 @@ class MaskGroupsHq(cc.SceneBuilder):
                 objects = self._objects(gt, rid)
             except BadRecordError as e:
                 policy.handle(e, "records", len(samples))
-                policy.counts["expressions"] += n_turns
+                policy.add("expressions", n_turns)
                 continue
             exprs = []
             for s in samples:
@@ -210,7 +209,7 @@ class MaskGroupsHq(cc.SceneBuilder):
                     exprs.extend(self._expressions(s, len(objects), policy))
                 except BadRecordError as e:
                     policy.handle(e, "records")
-                    policy.counts["expressions"] += _n_groups(s)
+                    policy.add("expressions", _n_groups(s))
             if not exprs:  # everything skipped (and counted)
                 continue
             record = cc.scene_record(
@@ -219,35 +218,5 @@ class MaskGroupsHq(cc.SceneBuilder):
             yield f"{n}:{rid}", record
 
 
-def builder_for(
-    name: str,
-    config: str | None,
-    data_dir: str | os.PathLike | None,
-    manual_dir: str | os.PathLike | None,
-    *,
-    skip_bad_records: bool = False,
-) -> MaskGroupsHq:
-    """The ``maskgroups_hq`` builder (no configs: ``config`` must be None)."""
-    if name != "maskgroups_hq":
-        raise ValueError(f"unknown dataset {name!r}; expected 'maskgroups_hq'")
-    if config is not None:
-        raise ValueError(f"maskgroups_hq has no configs (got {config!r})")
-    return MaskGroupsHq(
-        data_dir=None if data_dir is None else os.fspath(data_dir),
-        manual_dir=manual_dir,
-        skip_bad_records=skip_bad_records,
-        file_format="array_record",
-    )
 
-
-def build(
-    name: str,
-    config: str | None,
-    data_dir: str | os.PathLike | None,
-    manual_dir: str | os.PathLike | None,
-    *,
-    skip_bad_records: bool = False,
-) -> str:
-    """Prepare ``builder_for(...)`` and return its version dir (``refjax.data.build`` hook)."""
-    b = builder_for(name, config, data_dir, manual_dir, skip_bad_records=skip_bad_records)
-    return cc.prepare(b)
+BUILDERS: dict[str, type[MaskGroupsHq]] = {"maskgroups_hq": MaskGroupsHq}

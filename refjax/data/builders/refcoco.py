@@ -11,21 +11,23 @@ README's ``data/<dataset>/`` layout). The manual dir holds, either directly or u
   categories);
 - COCO train2014 images in ``train2014/`` (or refer's ``images/mscoco/images/train2014/``).
 
-Builders (``builder_for`` names): ``refcoco`` (configs ``unc`` [default], ``google``),
-``refcoco_plus`` (name ``refcoco+`` accepted; config ``unc``), ``refcocog`` (configs ``umd``
-[default], ``google``). Splits are those present in the refs file (unc: train/val/testA/testB,
-umd: train/val/test, google: train/val[/test]).
+Builders (``BUILDERS`` names, built by ``refjax.data.build``): ``refcoco`` (configs ``unc``
+[default], ``google``), ``refcoco_plus`` (name ``refcoco+`` accepted; config ``unc``),
+``refcocog`` (configs ``umd`` [default], ``google``). Splits are those present in the refs file
+(unc: train/val/testA/testB, umd: train/val/test, google: train/val[/test]).
 
 Each record holds all of the image's annotations as ``objects`` and one expression per sentence
-(text = refer's normalised ``sent``, kind ``refcoco``, id = ``sent_id``, target = the index of
-the ref's ``ann_id`` among the objects). Image bytes are stored as found (JPEG), once per image.
-Bad input ids: ``image:<image_id>``, ``ann:<ann_id>``, ``ref:<ref_id>``,
-``ref:<ref_id>/sent:<sent_id>``.
+(text = refer's normalised ``sent``, raw = refer's ``raw`` sentence with its case and
+punctuation, or ``sent`` when a sentence has no ``raw``; kind ``refcoco``, id = ``sent_id``,
+target = the index of the ref's ``ann_id`` among the objects). Image bytes are stored as found
+(JPEG), once per image. Bad input ids: ``image:<image_id>``, ``ann:<ann_id>``, ``ref:<ref_id>``,
+``ref:<ref_id>/sent:<sent_id>``. Skip counts (``skipped_bad_records``) have the unit ``refs``
+besides records/objects/expressions: a ref with no sentences, with no usable sentence, or
+whose target annotation is missing or bad counts as one skipped ref.
 """
 
 from __future__ import annotations
 
-import os
 import pickle
 from collections import defaultdict
 from collections.abc import Iterator, Sequence
@@ -83,6 +85,7 @@ class CocoRefBuilder(cc.SceneBuilder, skip_registration=True):
 
     FOLDER = ""  # refer's data/<FOLDER>/
     KIND = KIND
+    SKIP_UNITS = (*cc.BadRecordPolicy.UNITS, "refs")
     MANUAL_DOWNLOAD_INSTRUCTIONS = (
         "Put refer's refs(<splitBy>).p and instances.json (https://github.com/lichengunc/refer) "
         "and COCO train2014/ images into the manual dir."
@@ -113,20 +116,28 @@ class CocoRefBuilder(cc.SceneBuilder, skip_registration=True):
         ann_id = int(ref["ann_id"])
         if ann_id not in obj_index:
             if ann_id in bad_anns:  # the annotation was skipped already (and counted)
-                policy.counts["expressions"] += len(sentences)
+                self._drop_ref(policy, None, len(sentences))
                 return []
-            err = BadRecordError(rid, "ann_id", f"annotation {ann_id} is not in the image")
-            policy.handle(err, "expressions", len(sentences))
+            why = self._index.ann_not_in_image(ann_id, int(ref["image_id"]))
+            self._drop_ref(policy, BadRecordError(rid, "ann_id", why), len(sentences))
             return []
         return self._sentences(rid, sentences, [obj_index[ann_id]], policy)
+
+    @staticmethod
+    def _drop_ref(policy: cc.BadRecordPolicy, err: BadRecordError | None, n_sent: int) -> None:
+        """Raise ``err`` or count one skipped ref and its ``n_sent`` sentences."""
+        if err is not None:
+            policy.handle(err, "refs")
+        else:
+            policy.add("refs", 1)
+        policy.add("expressions", n_sent)
 
     def _sentences(
         self, rid: str, sentences: Sequence[dict], targets: list[int], policy: cc.BadRecordPolicy
     ) -> list[cc.Expression]:
         if not sentences:
-            policy.handle(
-                BadRecordError(rid, "sentences", "ref has no sentences"), "expressions", 0
-            )
+            self._drop_ref(policy, BadRecordError(rid, "sentences", "ref has no sentences"), 0)
+            return []
         out = []
         for sent in sentences:
             sid = f"{rid}/sent:{sent.get('sent_id')}"
@@ -135,7 +146,13 @@ class CocoRefBuilder(cc.SceneBuilder, skip_registration=True):
             except BadRecordError as e:
                 policy.handle(e, "expressions")
                 continue
-            out.append(cc.Expression(str(sent["sent_id"]), text, self.KIND, list(targets)))
+            raw = sent.get("raw")
+            raw = raw.strip() if isinstance(raw, str) and raw.strip() else text
+            out.append(
+                cc.Expression(str(sent["sent_id"]), text, self.KIND, list(targets), raw=raw)
+            )
+        if not out:  # every sentence was bad (each counted): the ref is gone too
+            policy.add("refs", 1)
         return out
 
     def _scenes(
@@ -154,7 +171,8 @@ class CocoRefBuilder(cc.SceneBuilder, skip_registration=True):
                 cc.check_image_size(image, meta["height"], meta["width"], rid)
             except BadRecordError as e:
                 policy.handle(e, "records")
-                policy.counts["expressions"] += n_sent
+                policy.add("refs", len(refs))
+                policy.add("expressions", n_sent)
                 continue
             objects, bad = index.objects(image_id, image.height, image.width, policy)
             obj_index = {o.id: i for i, o in enumerate(objects)}
@@ -204,42 +222,3 @@ BUILDERS: dict[str, type[CocoRefBuilder]] = {
     "refcocog": RefCocog,
 }
 
-
-def tfds_name(name: str) -> str:
-    """The tfds builder name (= the directory under data_dir) of a dataset name."""
-    if name not in BUILDERS:
-        raise ValueError(f"unknown dataset {name!r}; expected one of {sorted(BUILDERS)}")
-    return BUILDERS[name].name
-
-
-def builder_for(
-    name: str,
-    config: str | None,
-    data_dir: str | os.PathLike | None,
-    manual_dir: str | os.PathLike | None,
-    *,
-    skip_bad_records: bool = False,
-) -> CocoRefBuilder:
-    """The builder of ``name`` (refcoco, refcoco+/refcoco_plus, refcocog) and refer splitBy
-    ``config`` (None: the first config, unc or umd), writing ArrayRecord files under data_dir."""
-    tfds_name(name)  # validates the name
-    return BUILDERS[name](
-        config=config,
-        data_dir=None if data_dir is None else os.fspath(data_dir),
-        manual_dir=manual_dir,
-        skip_bad_records=skip_bad_records,
-        file_format="array_record",
-    )
-
-
-def build(
-    name: str,
-    config: str | None,
-    data_dir: str | os.PathLike | None,
-    manual_dir: str | os.PathLike | None,
-    *,
-    skip_bad_records: bool = False,
-) -> str:
-    """Prepare ``builder_for(...)`` and return its version dir (``refjax.data.build`` hook)."""
-    b = builder_for(name, config, data_dir, manual_dir, skip_bad_records=skip_bad_records)
-    return cc.prepare(b)

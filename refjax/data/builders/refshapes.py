@@ -5,6 +5,7 @@ One record per scene following :mod:`refjax.data.schema`. Records are generated 
 also trains the tokenizers on the train split's expressions and captions and writes them next to
 the records: ``<data_dir>/refshapes/<config>/<version>/{beit3.spm,tokenizer.model}``, and stores
 ``expressions_per_record`` (split -> list of per-record counts) in ``metadata.json``.
+An expression's ``raw`` field equals its ``text`` (the generator writes no case or punctuation).
 """
 
 from __future__ import annotations
@@ -24,8 +25,17 @@ from refjax.data import refshapes as gen
 from refjax.data import schema
 from refjax.data.tokenizers import train_tokenizers
 
-VERSION = "1.0.0"
-RELEASE_NOTES = {VERSION: "First RefShapes release."}
+VERSION = "1.1.0"
+RELEASE_NOTES = {
+    "1.0.0": "First RefShapes release.",
+    "1.1.0": (
+        "Positional relations (left of/right of/above/below) need disjoint visible-mask extents "
+        "along their axis; object centres are mask centroids (relations, regions, extremes, "
+        "distances, caption order); bigger/smaller symmetric at the 1.3 ratio; singular "
+        "agreement after 'everything'; no 'every other'; "
+        "the expression field 'raw' (equal to 'text' for RefShapes)."
+    ),
+}
 PARALLEL_MIN_SCENES = 500
 
 
@@ -50,6 +60,7 @@ def scene_to_record(scene: gen.Scene, object_id_base: int = 0) -> dict:
         for k in (
             "id",
             "text",
+            "raw",
             "kind",
             "target_start",
             "target_count",
@@ -62,6 +73,7 @@ def scene_to_record(scene: gen.Scene, object_id_base: int = 0) -> dict:
     for e in scene.expressions:
         ex["id"].append(e.id)
         ex["text"].append(e.text)
+        ex["raw"].append(e.raw)
         ex["kind"].append(e.kind)
         ex["target_start"].append(len(targets))
         ex["target_count"].append(len(e.targets))
