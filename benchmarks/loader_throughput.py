@@ -19,12 +19,16 @@ def measure(
     data_dir: str, config: str, task: str, size: int, workers: int, batches: int, bs: int
 ) -> float:
     from refjax.data.pipeline import make_pipeline
+    from refjax.tasks import get_task
+    from refjax.train.config import apply_overrides, load_config
 
-    cfg = dict(
-        task=task, dataset="refshapes", dataset_config=config, data_dir=data_dir,
-        image_size=size, batch_size=bs, num_workers=workers,
-    )  # fmt: skip
-    with make_pipeline(cfg, "train", train=True, seed=0, process_index=0, process_count=1) as it:
+    cfg = load_config(f"configs/oneref/rec_res.py:tiny,task={task}")
+    apply_overrides(cfg, [f"data.dataset_config={config}", f"data.data_dir={data_dir}",
+                          f"model.img_size={size}", f"data.batch_size={bs}",
+                          f"data.num_workers={workers}"])
+    data_task = get_task(cfg.task).data_task(cfg)
+    with make_pipeline(cfg.data, "train", task=data_task, train=True, seed=0, process_index=0,
+                       process_count=1) as it:
         next(it)
         t = time.perf_counter()
         for _ in range(batches):

@@ -26,8 +26,11 @@ def _convert(args: argparse.Namespace) -> int:
 
     if args.model not in cli.MODELS:
         raise UserError(f"unknown model {args.model!r} for convert (supported: {cli.MODELS})")
-    print(cli.convert_beit3(args.input, args.output, model=args.model, img_size=args.img_size,
-                            heads=args.heads, variant=args.variant, scan=not args.no_scan))
+    if not os.path.exists(args.input):
+        raise UserError(f"input {args.input!r} does not exist")
+    print(cli.convert(args.model, args.input, args.output, img_size=args.img_size,
+                      heads=args.heads, variant=args.variant, scan=not args.no_scan,
+                      layout=args.layout, eps=args.eps))
     return 0
 
 
@@ -143,8 +146,10 @@ def main(argv: list[str] | None = None) -> int:
     b.set_defaults(fn=_build_data)
 
     c = sub.add_parser("convert", help="convert a PyTorch checkpoint to an Orbax checkpoint")
-    c.add_argument("model", help="beit3 | oneref")
-    c.add_argument("input", help=".pth (needs torch) or .safetensors")
+    c.add_argument("model", help="beit3 | oneref | vqkd | clip | siglip | dinov2 | "
+                                 "dinov2_registers | convnext | llama")
+    c.add_argument("input", help=".pth (needs torch) or .safetensors file, or a Hugging Face "
+                                 "checkpoint directory (clip, siglip, dinov2, convnext, llama)")
     c.add_argument("output", help="output directory (must not exist)")
     c.add_argument("--img-size", type=int, default=None,
                    help="target image size (positions interpolated bicubically), e.g. 384")
@@ -152,6 +157,9 @@ def main(argv: list[str] | None = None) -> int:
     c.add_argument("--variant", default=None,
                    help="tiny | base | large: checks the shape and sets the attention heads")
     c.add_argument("--no-scan", action="store_true", help="unscanned layer layout")
+    c.add_argument("--layout", default=None, help="convnext: hf (default) | timm (timm/open_clip)")
+    c.add_argument("--eps", type=float, default=None,
+                   help="convnext: LayerNorm eps (timm/open_clip xxlarge uses 1e-5)")
     c.set_defaults(fn=_convert)
 
     bn = sub.add_parser("bench", help="benchmarks/beit3_step.py (refjax vs torchscale step)")

@@ -107,6 +107,29 @@ def mask_iou(pred: Array, gt: Array) -> tuple[Array, Array, Array]:
     return inter, union, iou
 
 
+BOX_TOLERANCE = 1.0  # pixels a stored box may exceed the image by before it is an error
+
+
+def box_problem(xyxy: Any, width: float, height: float, tol: float = BOX_TOLERANCE) -> str | None:
+    """What is wrong with an xyxy pixel box for a ``width x height`` image, or None.
+
+    The one box check of refjax (data transforms and dataset builders raise it with the
+    record and field): finite, positive width and height, inside the image up to ``tol``
+    pixels, and still of positive area once clipped to the image.
+    """
+    b = np.asarray(xyxy, np.float64)
+    if b.shape != (4,) or not np.all(np.isfinite(b)):
+        return f"not a finite xyxy box: {b.tolist()}"
+    if b[2] - b[0] <= 0 or b[3] - b[1] <= 0:
+        return f"zero-area box {b.tolist()}"
+    if b[0] < -tol or b[1] < -tol or b[2] > width + tol or b[3] > height + tol:
+        return f"box {b.tolist()} outside the {width}x{height} (WxH) image"
+    c = np.clip(b, 0, [width, height, width, height])
+    if c[2] <= c[0] or c[3] <= c[1]:
+        return f"zero-area box inside the image {b.tolist()}"
+    return None
+
+
 def mask_to_box(mask: np.ndarray) -> np.ndarray:
     """Tight xyxy box (pixel-edge convention) of a binary (H, W) numpy mask; zeros if empty."""
     ys, xs = np.nonzero(mask)

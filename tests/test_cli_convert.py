@@ -36,3 +36,19 @@ def test_convert_beit3_cli_roundtrip(tmp_path, capsys):
     assert main(["convert", "beit3", inp, out]) == 2  # never overwrites: a one-line error
     with pytest.raises(FileExistsError):
         main(["--debug", "convert", "beit3", inp, out])
+
+
+def test_convert_vqkd_cli_from_official_layout(tmp_path):
+    """``python -m refjax convert vqkd`` on the golden official-layout checkpoint: the written
+    tokenizer gives the official ids."""
+    from refjax.convert.vqkd import load_converted
+    from refjax.models.vqkd import VQKD
+    from tests.test_vqkd import GOLDEN_ST, _golden
+
+    out = str(tmp_path / "vqkd")
+    assert main(["convert", "vqkd", GOLDEN_ST, out, "--variant", "tiny"]) == 0
+    params, cfg = load_converted(out)
+    data, images, _ = _golden()
+    ids, _ = VQKD(cfg).apply({"params": params}, jnp.asarray(images["x224"]))
+    np.testing.assert_array_equal(np.asarray(ids), data["ids_x224"])
+    assert main(["convert", "nosuch", GOLDEN_ST, str(tmp_path / "x")]) == 2

@@ -242,7 +242,7 @@ def test_bad_unreadable_image():
 def test_bad_box_outside_and_zero_area():
     sc = make_scene()
     sc["boxes"][1] = [100, 10, 150, 40]  # x2 > W = 140
-    _bad(lambda: tf.expand(sc, 0), "boxes[1]", "outside the 140x96 image")
+    _bad(lambda: tf.expand(sc, 0), "boxes[1]", "outside the 140x96 (WxH) image")
     sc["boxes"][1] = [30, 10, 30, 40]
     _bad(lambda: tf.expand(sc, 0), "boxes[1]", "zero-area box")
 

@@ -29,6 +29,11 @@ from configs.common import (
 ARG_KEYS = {"task": ("rec", "res"), "stage": ("frozen", "full"), "dataset": None,
             "data": ("default", "tiny")}
 ARG_DEFAULTS = {"task": "rec", "stage": "full", "dataset": "refshapes", "data": "default"}
+# Every variant tests/test_config_compile.py lowers at full size on the fake 8-device mesh.
+COMPILE_ARGS = tuple(
+    f"{v},task={t},stage={s}" for v in ("tiny", "base", "large") for t in ("rec", "res")
+    for s in ("frozen", "full")
+)
 EVAL_SPLITS = {
     "refshapes": ("val", "testA", "testB"),
     "refcoco": ("val", "testA", "testB"),

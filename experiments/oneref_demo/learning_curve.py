@@ -40,6 +40,7 @@ def cache_path(cache: str, split: str, image_size: int) -> str:
 def build_cache(config, cache: str) -> None:
     """Run the eval pipeline over each split once and save its batches to ``cache``."""
     from refjax.data.pipeline import make_pipeline
+    from refjax.tasks import get_task
 
     os.makedirs(cache, exist_ok=True)
     for split in SPLITS:
@@ -47,7 +48,8 @@ def build_cache(config, cache: str) -> None:
         if os.path.exists(path):
             continue
         t0, parts = time.time(), {}
-        with make_pipeline(config, split, train=False, seed=0) as it:
+        data_task = get_task(config.task).data_task(config)
+        with make_pipeline(config.data, split, task=data_task, train=False, seed=0) as it:
             for batch in it:
                 for k, v in batch.items():
                     v = np.asarray(v)
@@ -97,14 +99,11 @@ def main() -> None:
     flags.FLAGS(["learning_curve"])  # grain reads absl flags
 
     import jax
-    from flax import linen as nn
 
-    from refjax import demo, parallel
+    from refjax import demo
     from refjax.data.transforms import KINDS
-    from refjax.train import trainer
-    from refjax.train.optim import make_optimizer
-    from refjax.train.state import build_model, create_train_state
-    from refjax.train.steps import jit_steps, make_eval_step, make_train_step
+    from refjax.train import setup, trainer
+    from refjax.train.evaluator import evaluate_batches
 
     config = trainer.resolve_config(
         demo.demo_config(args.data_dir, args.data_config, ["train.progress=False", *args.sets])
@@ -118,32 +117,24 @@ def main() -> None:
         train = {k: v[keep] for k, v in train.items()}
     n, bs = len(train["valid"]), int(config.data.batch_size)
 
-    mesh = parallel.create_mesh(config.mesh)
-    rules = parallel.rules_for(config.layout)
-    model = build_model(config)
-    tx, _ = make_optimizer(config.optim, args.steps, max(1, n // bs))
-    state, shardings = create_train_state(
-        config, model, tx, mesh, rules, int(config.train.seed), trainer.sample_batch(config, bs)
-    )
-    jtrain, jeval = jit_steps(
-        make_train_step(model, tx, config), make_eval_step(model, config), shardings, mesh
-    )
+    s = setup.build(config, total_steps=args.steps, steps_per_epoch=max(1, n // bs))
+    state = s.state
 
     def evaluate() -> dict:
         rows = len(val["valid"])
-        batches = (take(val, np.arange(s, min(s + 256, rows))) for s in range(0, rows, 256))
-        return trainer.evaluate_batches(jeval, state, batches, mesh)
+        batches = (take(val, np.arange(i, min(i + 256, rows))) for i in range(0, rows, 256))
+        return evaluate_batches(s.task, config, s.eval_step, state.variables(), batches, s.mesh)
 
     rng = np.random.default_rng(int(config.train.seed))
     order, pos, train_s, window = rng.permutation(n), 0, 0.0, []
-    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    with s.activate():
         for step in range(1, args.steps + 1):
             if pos + bs > n:
                 order, pos = rng.permutation(n), 0
-            batch = parallel.host_batch_to_global(take(train, order[pos:pos + bs]), mesh)
+            batch = s.global_batch(take(train, order[pos:pos + bs]))
             pos += bs
             t0 = time.perf_counter()
-            state, metrics = jtrain(state, batch)
+            state, metrics = s.train_step(state, batch)
             if step % 10 == 0:
                 window.append({k: float(v) for k, v in jax.device_get(metrics).items()
                                if k.startswith("loss")})
@@ -156,9 +147,10 @@ def main() -> None:
             window = []
             row = {"name": args.name, "step": step, "examples": step * bs,
                    "train_s": round(train_s, 1), "losses": losses,
-                   "val": {k: res["overall"].get(k) for k in ("acc@0.5", "miou", "oiou")},
-                   "per_kind": {k: {m: v.get(m) for m in ("acc@0.5", "miou")}
-                                for k, v in res["per_kind"].items()},
+                   "val": {k: res.get(k) for k in ("acc@0.5", "miou", "oiou")},
+                   "per_kind": {k.rsplit("/", 1)[0]: {m: res.get(f"{k.rsplit('/', 1)[0]}/{m}")
+                                                      for m in ("acc@0.5", "miou")}
+                                for k in res if k.endswith("/count")},
                    "sets": args.sets, "train_kinds": args.train_kinds}
             print(json.dumps(row), flush=True)
             if args.out:

@@ -47,8 +47,11 @@ def main() -> None:
     args = p.parse_args()
     flags.FLAGS(["probe"])  # grain reads absl flags
 
-    model, variables, config = trainer.load_for_inference(args.workdir)
-    it = make_pipeline(config, "train", train=True, seed=1)
+    from refjax.train.state import model_variables
+
+    task, model, variables, config = trainer.load_for_inference(args.workdir)
+    variables = model_variables(variables)
+    it = make_pipeline(config.data, "train", task=task.data_task(config), train=True, seed=1)
 
     @jax.jit
     def forward(batch):

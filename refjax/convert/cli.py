@@ -11,7 +11,8 @@ import dataclasses
 import os
 from typing import Any
 
-MODELS = ("beit3", "oneref")
+MODELS = ("beit3", "oneref", "vqkd", "clip", "siglip", "dinov2", "dinov2_registers", "convnext",
+          "llama")
 
 
 def convert_beit3(
@@ -65,3 +66,40 @@ def convert_beit3(
     print(report.summary())
     save_params(output, params, meta)
     return f"wrote {output} (BEiT-3 dim={cfg.dim} depth={cfg.depth} img={cfg.img_size})"
+
+
+def convert(model: str, input_path: str, output: str, **options: Any) -> str:
+    """Convert ``input_path`` (a file or a Hugging Face directory) of ``model`` to ``output``.
+
+    Options by model: beit3/oneref ``img_size``, ``heads``, ``variant``, ``scan``; vqkd
+    ``heads``, ``variant``, ``scan``; clip/siglip/dinov2/dinov2_registers ``scan``; convnext
+    ``layout`` ("hf" | "timm"), ``eps``, ``scan``; llama ``scan``. Returns a summary line.
+    """
+    scan = bool(options.get("scan", True))
+    if model in ("beit3", "oneref"):
+        return convert_beit3(input_path, output, model=model, img_size=options.get("img_size"),
+                             heads=options.get("heads"), variant=options.get("variant"),
+                             scan=scan)
+    if model == "vqkd":
+        from refjax.convert import vqkd
+
+        cfg, _ = vqkd.convert_cli(input_path, output, heads=options.get("heads"),
+                                  variant=options.get("variant"), scan=scan)
+        return f"wrote {output} (VQ-KD dim={cfg.dim} depth={cfg.depth} codes={cfg.codebook_size})"
+    if model in ("clip", "siglip", "dinov2", "dinov2_registers"):
+        from refjax.convert import vit
+
+        vit.convert_cli(model, input_path, output, scan=scan)
+        return f"wrote {output} ({model} vision tower)"
+    if model == "convnext":
+        from refjax.convert import convnext
+
+        convnext.convert_cli(input_path, output, options.get("layout") or "hf",
+                             eps=options.get("eps"), scan=scan)
+        return f"wrote {output} (ConvNeXt, {options.get('layout') or 'hf'} layout)"
+    if model == "llama":
+        from refjax.convert import llama
+
+        llama.convert_cli(input_path, output, scan=scan)
+        return f"wrote {output} (LLaMA)"
+    raise ValueError(f"unknown model {model!r} for convert (supported: {MODELS})")

@@ -89,6 +89,9 @@ def build_dataset(
     ``dataset_info.json``, ``metadata.json`` and the tokenizers ``beit3.spm`` and
     ``tokenizer.model``. Already prepared datasets are left as they are.
     """
+    import tensorflow_datasets as tfds
+
+    tfds.disable_progress_bar()  # refjax's builders show their own progress per split
     module = _import_builder(name)
     if hasattr(module, "BUILDERS"):
         builder = get_builder(
@@ -96,8 +99,6 @@ def build_dataset(
         )
         builder.download_and_prepare()
         return str(builder.data_path)
-    import tensorflow_datasets as tfds
-
     full = f"{name}/{config}" if config else name
     builder = tfds.builder(full, data_dir=os.fspath(data_dir), file_format="array_record")
     dl_config = tfds.download.DownloadConfig(manual_dir=manual_dir)

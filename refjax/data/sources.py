@@ -19,6 +19,7 @@ Scene dict (what ``decode_scene`` returns)::
 from __future__ import annotations
 
 import json
+import logging
 import os
 from typing import Any
 
@@ -28,6 +29,16 @@ from refjax import boxes as box_ops
 from refjax.data import schema
 from refjax.data.errors import BadRecordError
 from refjax.data.images import decode_image
+
+
+class _NoOpenCVNotice(logging.Filter):
+    """tfds logs an OpenCV recommendation each time a source opens; refjax decodes PNGs itself."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "OpenCV is not installed" not in record.getMessage()
+
+
+logging.getLogger("absl").addFilter(_NoOpenCVNotice())
 
 
 def _str(v: Any) -> str:

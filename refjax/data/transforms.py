@@ -44,7 +44,6 @@ KINDS = (
     "ores",
     "ores_ref",
 )
-BOX_TOLERANCE = 1.0  # pixels a stored box may exceed the image by before it is an error
 
 Example = dict[str, Any]
 
@@ -86,15 +85,10 @@ def _check_masks(masks: Any, hw: tuple[int, int], rid: str, field: str) -> np.nd
 
 
 def _check_box(box: np.ndarray, w: int, h: int, rid: str, field: str) -> np.ndarray:
-    b = np.asarray(box, np.float64)
-    if b.shape != (4,) or not np.all(np.isfinite(b)):
-        raise BadRecordError(rid, field, f"not a finite xyxy box: {b}")
-    if b[2] - b[0] <= 0 or b[3] - b[1] <= 0:
-        raise BadRecordError(rid, field, f"zero-area box {b.tolist()}")
-    tol = BOX_TOLERANCE
-    if b[0] < -tol or b[1] < -tol or b[2] > w + tol or b[3] > h + tol:
-        raise BadRecordError(rid, field, f"box {b.tolist()} outside the {w}x{h} image")
-    return np.clip(b, 0, [w, h, w, h])
+    problem = bx.box_problem(box, w, h)
+    if problem:
+        raise BadRecordError(rid, field, problem)
+    return np.clip(np.asarray(box, np.float64), 0, [w, h, w, h])
 
 
 def _indices(v: Any, n: int, rid: str, field: str) -> np.ndarray:

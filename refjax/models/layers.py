@@ -48,6 +48,16 @@ def remat(module_cls: type, policy_name: str) -> type:
     return nn.remat(module_cls, policy=policy, prevent_cse=False)
 
 
+def torch_uniform(fan_in: int) -> Callable:
+    """PyTorch's default Linear/Conv init: U(-1/sqrt(fan_in), 1/sqrt(fan_in)) (kernel and bias)."""
+    bound = 1.0 / float(np.sqrt(fan_in))
+
+    def init(key: jax.Array, shape: Sequence[int], dtype: Dtype = jnp.float32) -> jax.Array:
+        return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+    return init
+
+
 def dense(
     features: int,
     axes: Axes,
@@ -56,16 +66,28 @@ def dense(
     dtype: Dtype = jnp.float32,
     param_dtype: Dtype = jnp.float32,
     kernel_init: Callable = default_kernel_init,
+    bias_init: Callable | None = None,
+    bias_axes: Axes | None = None,
+    torch_init_fan_in: int | None = None,
     name: str | None = None,
 ) -> nn.Dense:
-    """nn.Dense whose kernel carries logical ``axes`` (in, out) and bias carries ``axes[-1:]``."""
+    """nn.Dense whose kernel carries logical ``axes`` (in, out) and bias ``bias_axes`` (default
+    ``axes[-1:]``). ``torch_init_fan_in`` gives PyTorch's default Linear init to the kernel
+    (unless ``kernel_init`` is given explicitly) and the bias; otherwise the bias is zeros."""
+    if torch_init_fan_in is not None:
+        if kernel_init is default_kernel_init:
+            kernel_init = torch_uniform(torch_init_fan_in)
+        bias_init = bias_init or torch_uniform(torch_init_fan_in)
     return nn.Dense(
         features,
         use_bias=use_bias,
         dtype=dtype,
         param_dtype=param_dtype,
         kernel_init=nn.with_logical_partitioning(kernel_init, axes),
-        bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), axes[-1:]),
+        bias_init=nn.with_logical_partitioning(
+            bias_init or nn.initializers.zeros_init(),
+            axes[-1:] if bias_axes is None else bias_axes,
+        ),
         name=name,
     )
 

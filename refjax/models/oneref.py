@@ -32,6 +32,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from refjax.models.layers import default_kernel_init, dense, torch_uniform
+
 Array = jax.Array
 Dtype = Any
 
@@ -45,20 +47,6 @@ def _trunc_normal_02(key, shape, dtype=jnp.float32):
     return jax.nn.initializers.truncated_normal(0.02, dtype, lower=-1.0, upper=1.0)(key, shape)
 
 
-def _torch_uniform(fan_in: int):
-    """PyTorch's default Linear/ConvTranspose init: U(-1/sqrt(fan_in), 1/sqrt(fan_in))."""
-    bound = 1.0 / math.sqrt(fan_in)
-
-    def init(key, shape, dtype=jnp.float32):
-        return jax.random.uniform(key, shape, dtype, -bound, bound)
-
-    return init
-
-
-def _partitioned(init, names: tuple[str | None, ...]):
-    return nn.with_logical_partitioning(init, names)
-
-
 def _dense(
     features: int,
     fan_in: int,
@@ -70,20 +58,18 @@ def _dense(
     dtype: Dtype = jnp.float32,
     param_dtype: Dtype = jnp.float32,
 ) -> nn.Dense:
-    """Dense with logical axes ('embed', out_axis) on the kernel and (out_axis,) on the bias.
-
-    Bias vectors of width D are named 'embed' (vectors follow the embed->fsdp rule); the
-    4-wide box bias gets (None,).
-    """
-    kernel_init = kernel_init or _torch_uniform(fan_in)
-    bias_axis = "embed" if out_axis is not None else None
-    return nn.Dense(
+    """``layers.dense`` with PyTorch's default init and logical axes ('embed', out_axis) on the
+    kernel; bias vectors of width D are named 'embed' (they follow the embed->fsdp rule) and the
+    4-wide box bias gets (None,)."""
+    return dense(
         features,
+        ("embed", out_axis),
         use_bias=use_bias,
         dtype=dtype,
         param_dtype=param_dtype,
-        kernel_init=_partitioned(kernel_init, ("embed", out_axis)),
-        bias_init=_partitioned(_torch_uniform(fan_in), (bias_axis,)),
+        kernel_init=kernel_init or default_kernel_init,
+        bias_axes=("embed",) if out_axis is not None else (None,),
+        torch_init_fan_in=fan_in,
         name=name,
     )
 
@@ -129,7 +115,9 @@ class ConvTranspose2x2(nn.Module):
         # torch computes fan_in of a ConvTranspose weight (in, out, kh, kw) as out * kh * kw.
         w = self.param(
             "kernel",
-            _partitioned(_torch_uniform(self.features * 4), ("embed", "mlp", None, None)),
+            nn.with_logical_partitioning(
+                torch_uniform(self.features * 4), ("embed", "mlp", None, None)
+            ),
             (cin, self.features, 2, 2),
             self.param_dtype,
         )
@@ -156,15 +144,17 @@ class BatchNorm(nn.Module):
     @nn.compact
     def __call__(self, x: Array) -> Array:
         c = x.shape[-1]
-        zeros = _partitioned(lambda s: jnp.zeros(s, jnp.float32), ("embed",))
-        ones = _partitioned(lambda s: jnp.ones(s, jnp.float32), ("embed",))
+        zeros = nn.with_logical_partitioning(lambda s: jnp.zeros(s, jnp.float32), ("embed",))
+        ones = nn.with_logical_partitioning(lambda s: jnp.ones(s, jnp.float32), ("embed",))
         ra_mean = self.variable("batch_stats", "mean", zeros, (c,))
         ra_var = self.variable("batch_stats", "var", ones, (c,))
         scale = self.param(
-            "scale", _partitioned(nn.initializers.ones, ("embed",)), (c,), self.param_dtype
+            "scale", nn.with_logical_partitioning(nn.initializers.ones, ("embed",)), (c,),
+            self.param_dtype,
         )
         bias = self.param(
-            "bias", _partitioned(nn.initializers.zeros, ("embed",)), (c,), self.param_dtype
+            "bias", nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)), (c,),
+            self.param_dtype,
         )
         xf = x.astype(jnp.float32)
         if self.use_running_average:
@@ -196,6 +186,7 @@ def _heads_forward(
     sim_scale: float = 1.0,
     seg_dim: int | None = None,
     seg_convs: int = 3,
+    features: bool = False,
 ) -> tuple[dict[str, Array], dict[str, Array]]:
     """Spec 2.1-2.3. Must be called inside ``mod``'s compact method; creates the head
     submodules directly under ``mod`` (so OneRef keeps the PyTorch top-level names).
@@ -209,7 +200,11 @@ def _heads_forward(
     ``seg_dim`` by an extra bias-free ``seg_text_proj`` (then l2-normalised) for the cosine.
     A cheaper mask head for small CPU budgets; the upsampled maps dominate the step otherwise.
     ``seg_convs`` (3 = OneRef) is the number of 2x transposed-conv stages: 3 puts the logits at
-    H/2 for 16-pixel patches; use 2 for 8-pixel patches to keep H/2."""
+    H/2 for 16-pixel patches; use 2 for 8-pixel patches to keep H/2.
+
+    ``features`` (a hook for MRefM, ``refjax.models.mrefm``) adds the l2-normalised token
+    embeddings to ``aux``: ``patch_tokens`` (B, P, D) = l2n(vision_head(V))[:, 1:] and
+    ``text_tokens`` (B, Nt, D) = l2n(language_head(Tf)), float32. Outputs are unchanged."""
     dim = encoder_out.shape[-1]
     num_patches = vision_len - 1
     grid = math.isqrt(num_patches)
@@ -238,7 +233,7 @@ def _heads_forward(
         text_proj(tf[:, :1])
     logit_scale = mod.param(
         "logit_scale",
-        _partitioned(lambda k, s, d: jnp.full(s, LOGIT_SCALE_INIT, d), ()),
+        nn.with_logical_partitioning(lambda k, s, d: jnp.full(s, LOGIT_SCALE_INIT, d), ()),
         (),
         param_dtype,
     )
@@ -261,6 +256,8 @@ def _heads_forward(
         cos = jnp.einsum("bd,bhwd->bhw", t_seg, l2n(feat), precision=HIGHEST)
         outputs["seg_logits"] = cos * sim_scale
     aux = {"logit_scale": logit_scale.astype(jnp.float32), "vision_len": vision_len}
+    if features:
+        aux.update(patch_tokens=v_i, text_tokens=tc)
     return outputs, aux
 
 

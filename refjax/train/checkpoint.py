@@ -11,6 +11,7 @@ renames/commits it when complete, so a process killed mid-write never leaves a s
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -24,6 +25,17 @@ import orbax.checkpoint as ocp
 from refjax.train.state import TrainState
 
 STATE, VARIABLES, TRAIN, DATA_ITER = "state", "variables", "train", "data_iter"
+
+
+class _NoUntrackedMetricWarning(logging.Filter):
+    """Orbax warns on every save without metrics when a best-metric policy is set; refjax saves
+    between evaluations on purpose (those steps are kept by the latest-N policy)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "Requested `tracked_metric`; did not provide metrics" not in record.getMessage()
+
+
+logging.getLogger("absl").addFilter(_NoUntrackedMetricWarning())
 
 
 class NonFiniteStateError(FloatingPointError):
