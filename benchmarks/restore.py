@@ -111,8 +111,8 @@ def main() -> None:
     env = {**os.environ, "XLA_FLAGS": "", "PYTHONPATH": HERE}
     for _ in range(a.rounds):
         for what in runs:
-            out = subprocess.run([sys.executable, __file__, "--workdir", a.workdir, "--child", what],
-                                 capture_output=True, text=True, env=env, check=True).stdout
+            cmd = [sys.executable, __file__, "--workdir", a.workdir, "--child", what]
+            out = subprocess.run(cmd, capture_output=True, text=True, env=env, check=True).stdout
             runs[what].append(json.loads(out.strip().splitlines()[-1]))
             print(json.dumps(runs[what][-1]), flush=True)
     print(f"{'restore':<12}{'wall s (median)':>17}{'peak RSS MiB (median)':>24}")

@@ -16,7 +16,7 @@ def _build_data(args: argparse.Namespace) -> int:
     from refjax.data.build import build_dataset
 
     path = build_dataset(args.name, args.config, args.data_dir, args.manual_dir,
-                         skip_bad_records=args.skip_bad_records)
+                         skip_bad_records=args.skip_bad_records, span_parser=args.span_parser)
     print(f"built {args.name} into {path}")
     return 0
 
@@ -24,14 +24,42 @@ def _build_data(args: argparse.Namespace) -> int:
 def _convert(args: argparse.Namespace) -> int:
     from refjax.convert import cli
 
+    if args.model == "ras":
+        return _convert_ras(args)
     if args.model not in cli.MODELS:
-        raise UserError(f"unknown model {args.model!r} for convert (supported: {cli.MODELS})")
-    if not os.path.exists(args.input):
-        raise UserError(f"input {args.input!r} does not exist")
-    print(cli.convert(args.model, args.input, args.output, img_size=args.img_size,
-                      heads=args.heads, variant=args.variant, scan=not args.no_scan,
-                      layout=args.layout, eps=args.eps))
+        raise UserError(f"unknown model {args.model!r} for convert (supported: "
+                        f"{(*cli.MODELS, 'ras')})")
+    if len(args.paths) != 2:
+        raise UserError(f"convert {args.model} takes INPUT OUTPUT, got {args.paths}")
+    inp, out = args.paths
+    if not os.path.exists(inp):
+        raise UserError(f"input {inp!r} does not exist")
+    print(cli.convert(args.model, inp, out, img_size=args.img_size, heads=args.heads,
+                      variant=args.variant, scan=not args.no_scan, layout=args.layout,
+                      eps=args.eps, mrefm=args.mrefm))
     return 0
+
+
+def _convert_ras(args: argparse.Namespace) -> int:
+    from refjax.convert import ras
+
+    if len(args.paths) != 1 or not args.llm or not args.clip:
+        raise UserError("convert ras takes --llm DIR --clip DIR [--siglip DIR --dinov2 DIR "
+                        "--convnext DIR] OUTPUT")
+    for flag in ("llm", "clip", "siglip", "dinov2", "convnext"):
+        path = getattr(args, flag)
+        if path and not os.path.exists(path):
+            raise UserError(f"--{flag} {path!r} does not exist")
+    ras.convert_cli(args.llm, args.clip, args.paths[0], siglip=args.siglip, dinov2=args.dinov2,
+                    convnext=args.convnext, convnext_layout=args.layout or "hf",
+                    convnext_eps=args.eps, decoding=args.decoding, scan=not args.no_scan)
+    return 0
+
+
+def _train_tokenizer(args: argparse.Namespace) -> int:
+    from refjax.tokenizer_fit import run_args
+
+    return run_args(args)
 
 
 def _bench(args: argparse.Namespace) -> int:
@@ -143,23 +171,34 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--manual-dir", default=None, help="where the raw files of real data are")
     b.add_argument("--skip-bad-records", action="store_true",
                    help="skip and count bad records instead of failing on the first")
+    b.add_argument("--span-parser", default="auto", choices=("auto", "spacy", "rules", "none"),
+                   help="subject/object words of real data (auto: spaCy when installed with "
+                        "an English model, else the documented rules; reported at build time)")
     b.set_defaults(fn=_build_data)
 
     c = sub.add_parser("convert", help="convert a PyTorch checkpoint to an Orbax checkpoint")
     c.add_argument("model", help="beit3 | oneref | vqkd | clip | siglip | dinov2 | "
-                                 "dinov2_registers | convnext | llama")
-    c.add_argument("input", help=".pth (needs torch) or .safetensors file, or a Hugging Face "
-                                 "checkpoint directory (clip, siglip, dinov2, convnext, llama)")
-    c.add_argument("output", help="output directory (must not exist)")
+                                 "dinov2_registers | convnext | llama | ras")
+    c.add_argument("paths", nargs="+", metavar="INPUT OUTPUT",
+                   help="INPUT: .pth (needs torch) or .safetensors file, or a Hugging Face "
+                        "checkpoint directory (clip, siglip, dinov2, convnext, llama); OUTPUT: "
+                        "the directory to write (must not exist); ras takes OUTPUT only")
     c.add_argument("--img-size", type=int, default=None,
                    help="target image size (positions interpolated bicubically), e.g. 384")
     c.add_argument("--heads", type=int, default=None, help="attention heads (default dim/64)")
     c.add_argument("--variant", default=None,
                    help="tiny | base | large: checks the shape and sets the attention heads")
     c.add_argument("--no-scan", action="store_true", help="unscanned layer layout")
+    c.add_argument("--mrefm", action="store_true",
+                   help="oneref: an MRefM pretraining checkpoint (keeps the mim/mlm heads)")
     c.add_argument("--layout", default=None, help="convnext: hf (default) | timm (timm/open_clip)")
     c.add_argument("--eps", type=float, default=None,
                    help="convnext: LayerNorm eps (timm/open_clip xxlarge uses 1e-5)")
+    for tower in ("llm", "clip", "siglip", "dinov2", "convnext"):
+        c.add_argument(f"--{tower}", default=None,
+                       help=f"ras: the {tower} Hugging Face directory (LLaVA-1.5 layout read)")
+    c.add_argument("--decoding", default="nar", choices=("nar", "ar"),
+                   help="ras: non-autoregressive selection head or the AR baseline")
     c.set_defaults(fn=_convert)
 
     bn = sub.add_parser("bench", help="benchmarks/beit3_step.py (refjax vs torchscale step)")
@@ -191,6 +230,13 @@ def main(argv: list[str] | None = None) -> int:
                    help="discard a run in --workdir whose saved config differs, start afresh")
     t.set_defaults(fn=_train)
 
+    tk = sub.add_parser("train-tokenizer",
+                        help="fit the embedded k-means MIM tokenizer (MRefM targets) on a split")
+    from refjax.tokenizer_fit import add_arguments
+
+    add_arguments(tk)
+    tk.set_defaults(fn=_train_tokenizer)
+
     e = sub.add_parser("eval", help="evaluate a train workdir's checkpoint")
     e.add_argument("--config", default=None, help="default: the workdir's config.json")
     e.add_argument("--workdir", required=True)
@@ -221,4 +267,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
 
 
 if __name__ == "__main__":
+    from refjax.allocator import reexec_with_allocator
+
+    reexec_with_allocator(sys.argv[1:])  # mimalloc when installed (REFJAX_ALLOCATOR=system: off)
     sys.exit(main())

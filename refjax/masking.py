@@ -1,4 +1,6 @@
-"""MRefM masking (spec/oneref.md 3.2 and 3.5): referring-aware image masking and text masking.
+"""MRefM masking (spec/oneref.md 3.2 and 3.5): referring-aware image masking and text masking,
+plus the MVLM baseline's patch-random image masking with the same count (``random_image_mask``)
+and the expected referring count (``expected_referring_count``) the statistics tests check.
 
 Pure numpy, ground floor: used by the host-side data pipeline (one call per example, with the
 example's ``np.random.Generator``) and usable anywhere else.
@@ -52,6 +54,48 @@ def referring_image_mask(
         region = _random_mask(lr, lr - int(lr * (1 - dynamic_ratio)), rng)
         mask[y1:y2, x1:x2] = region.reshape(y2 - y1, x2 - x1)
     return mask.reshape(n)
+
+
+def region_size(box_cxcywh: np.ndarray, grid: int, margin: int = 1) -> int:
+    """Number of patches L_r of the (expanded, clipped) box region of ``box_region``."""
+    y1, y2, x1, x2 = box_region(np.asarray(box_cxcywh), grid, margin)
+    return max(y2 - y1, 0) * max(x2 - x1, 0)
+
+
+def expected_referring_count(
+    box_cxcywh: np.ndarray,
+    grid: int,
+    *,
+    mask_ratio: float = 0.35,
+    dynamic_ratio: float = 0.75,
+    margin: int = 1,
+) -> float:
+    """Expected number of patches ``referring_image_mask`` masks for this box: the whole-grid
+    count ``n_g = G^2 - int(G^2 (1 - mask_ratio))`` lands outside the region with probability
+    ``1 - L_r / G^2``, and the region holds exactly ``L_r - int(L_r (1 - dynamic_ratio))``."""
+    n = grid * grid
+    lr = region_size(box_cxcywh, grid, margin)
+    n_g = n - int(n * (1 - mask_ratio))
+    inside = lr - int(lr * (1 - dynamic_ratio)) if lr > 0 else 0
+    return n_g * (1 - lr / n) + inside
+
+
+def random_image_mask(
+    box_cxcywh: np.ndarray,
+    grid: int,
+    rng: np.random.Generator,
+    *,
+    mask_ratio: float = 0.35,
+    dynamic_ratio: float = 0.75,
+    margin: int = 1,
+) -> np.ndarray:
+    """MVLM baseline image mask: patch-random over the whole grid (no box region), with as many
+    patches as a ``referring_image_mask`` draw for the same box (so the count has the same
+    distribution, and the same expected overall ratio, as the referring masking; only *where*
+    differs). bool (grid*grid,), True = masked."""
+    count = int(referring_image_mask(box_cxcywh, grid, rng, mask_ratio=mask_ratio,
+                                     dynamic_ratio=dynamic_ratio, margin=margin).sum())
+    return _random_mask(grid * grid, count, rng)
 
 
 def num_text_masked(n_tok: int, mask_prob: float) -> int:

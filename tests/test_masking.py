@@ -66,3 +66,64 @@ def test_text_mask_priority_capped_by_budget():
     ids = np.arange(6, dtype=np.int32)
     out, m = masking.text_mask(ids, 6, np.random.default_rng(0), mask_id=50, priority=[2, 3, 4, 0])
     assert m.sum() == 2 and m[2] == 1 and m[3] == 1  # budget int(5*0.4+0.5)=2, in order
+
+
+# ----------------------------------------------------------------------------- MRefM statistics
+@pytest.mark.parametrize("grid", [8, 24])
+def test_referring_mask_counts_generalise_to_the_grid(grid):
+    n = grid * grid
+    outside = n - int(n * 0.65)  # 202 of 576; 23 of 64
+    assert outside == {8: 23, 24: 202}[grid]
+    rng = np.random.default_rng(1)
+    box = np.array([0.4, 0.55, 0.3, 0.2])
+    y1, y2, x1, x2 = masking.box_region(box, grid)
+    lr = (y2 - y1) * (x2 - x1)
+    assert masking.region_size(box, grid) == lr
+    counts = []
+    for _ in range(400):
+        m = masking.referring_image_mask(box, grid, rng).reshape(grid, grid)
+        assert m[y1:y2, x1:x2].sum() == lr - int(lr * (1 - 0.75))  # exact inside the region
+        assert m.sum() - m[y1:y2, x1:x2].sum() <= outside
+        counts.append(m.sum())
+    # The overall count: the whole-grid draw survives outside the region with prob 1 - L_r/n.
+    expected = masking.expected_referring_count(box, grid)
+    assert expected == pytest.approx(outside * (1 - lr / n) + lr - int(lr * 0.25))
+    sem = np.std(counts) / np.sqrt(len(counts))
+    assert abs(np.mean(counts) - expected) < 4 * sem + 1e-9
+
+
+def test_mvlm_random_mask_same_count_no_region():
+    grid, box = 24, np.array([0.3, 0.3, 0.2, 0.25])
+    y1, y2, x1, x2 = masking.box_region(box, grid)
+    rng_a, rng_b = np.random.default_rng(3), np.random.default_rng(3)
+    inside_ref, inside_rand, counts = [], [], []
+    for _ in range(300):
+        ref = masking.referring_image_mask(box, grid, rng_a).reshape(grid, grid)
+        rand = masking.random_image_mask(box, grid, rng_b).reshape(grid, grid)
+        counts.append(rand.sum())
+        inside_ref.append(ref[y1:y2, x1:x2].mean())
+        inside_rand.append(rand[y1:y2, x1:x2].mean())
+    expected = masking.expected_referring_count(box, grid)
+    sem = np.std(counts) / np.sqrt(len(counts))
+    assert abs(np.mean(counts) - expected) < 4 * sem  # same overall ratio alpha
+    alpha = expected / grid**2
+    assert np.mean(inside_ref) == pytest.approx(0.75, abs=0.01)
+    assert abs(np.mean(inside_rand) - alpha) < 0.03  # no preference for the box region
+    assert np.mean(inside_rand) < 0.6
+
+
+def test_mrefm_stage_random_masking_ignores_priority():
+    from refjax.data.stages import MRefMMask
+
+    ids = np.array([0, 10, 11, 12, 13, 14, 15, 16, 17, 2, 1, 1], np.int32)
+    ex = {"box": np.array([8.0, 8.0, 40.0, 40.0], np.float32), "text_ids": ids, "n_tok": 10,
+          "mlm_priority": [3]}
+    hits = {False: 0, True: 0}
+    for flag in (False, True):
+        stage = MRefMMask(64, 16, mask_id=99, random_masking=flag)
+        for seed in range(100):
+            out = stage.random_map(dict(ex), np.random.default_rng(seed))
+            assert out["mlm_mask"].sum() == masking.num_text_masked(10, 0.4)
+            assert out["mim_mask"].shape == (16,)
+            hits[flag] += int(out["mlm_mask"][3])
+    assert hits[False] == 100 and hits[True] < 80  # priority first only without random masking

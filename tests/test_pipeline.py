@@ -96,6 +96,7 @@ EXTRA = {
         "mim_mask": ((16,), np.bool_),
         "mlm_ids": ((MAX_LEN,), np.int32),
         "mlm_mask": ((MAX_LEN,), np.int32),
+        "sts_label": ((MAX_LEN,), np.float32),
     },
     "ras": {
         "pool_masks": ((24, SIZE, SIZE), np.uint8),

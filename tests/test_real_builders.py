@@ -14,11 +14,12 @@ from pycocotools.coco import COCO
 
 from refjax.boxes import mask_iou, mask_to_box, xywh_to_xyxy, xyxy_to_xywh
 from refjax.data import build
+from refjax.data import subject_object as so
 from refjax.data.builders import coco_common as cc
 from refjax.data.builders import refcoco
 from refjax.data.errors import BadRecordError
 from refjax.data.images import read_image_file
-from refjax.data.schema import EXPRESSIONS_PER_RECORD
+from refjax.data.schema import EXPRESSIONS_PER_RECORD, NO_SPAN
 from tests.fixtures import real_formats as rf
 
 # pycocotools' own decode under numpy 2 (COCO.annToMask in the checks below)
@@ -53,7 +54,9 @@ def expressions(rec: dict) -> list[dict]:
         out.append({"id": s(ex["id"][k]), "text": s(ex["text"][k]), "raw": s(ex["raw"][k]),
                     "kind": s(ex["kind"][k]),
                     "targets": targets, "target_ids": [int(ids[i]) for i in targets],
-                    "refs": refs})
+                    "refs": refs,
+                    "subject_span": tuple(int(v) for v in ex["subject_span"][k]),
+                    "object_span": tuple(int(v) for v in ex["object_span"][k])})
     return out
 
 
@@ -142,6 +145,8 @@ def test_refcoco_records(refcoco_built):
     fx, b = refcoco_built
     coco = COCO(str(fx.ann_dir / "instances.json"))
     want = expected_by_split(fx.refs)
+    parser = so.get_parser("auto")  # rules-v1 unless spaCy and an English model are installed
+    assert b.info.metadata[cc.SPAN_PARSER] == parser.name
     assert list(b.info.splits.keys()) == ["train", "val", "testA"]
     for split, per_image in want.items():
         recs = records(b, split)
@@ -162,12 +167,15 @@ def test_refcoco_records(refcoco_built):
                 # text: refer's normalised sent; raw: the sentence as written
                 assert (e["text"], e["raw"]) == (sent["sent"], sent["raw"])
                 assert e["raw"] != e["text"] and e["raw"].endswith(".")
+                # spans of the text by the parser the build reports
+                assert (e["subject_span"], e["object_span"]) == parser(e["text"])
             assert len(rec["pool"]["mask"]) == 0 and len(rec["pool_ioa"]) == 0
     assert b.info.metadata[cc.SKIPPED_BAD_RECORDS]["train"] == {
         "records": 0, "objects": 0, "expressions": 0, "refs": 0}
     # the metadata survives a reload from the directory
     again = tfds.builder_from_directory(b.data_dir)
     assert again.info.metadata[EXPRESSIONS_PER_RECORD]["train"] == [3, 1]
+    assert again.info.metadata[cc.SPAN_PARSER] == parser.name
 
 
 def test_refcoco_jpeg_stored_as_given(refcoco_built):
@@ -181,7 +189,7 @@ def test_refcoco_plus_layout_and_get_builder(tmp_path):
     fx = rf.write_refcoco(tmp_path / "raw", dataset="refcoco+")
     path = build.build_dataset("refcoco+", None, tmp_path / "data", fx.root)
     version = str(cc.SceneBuilder.VERSION)
-    assert version == "1.1.0"
+    assert version == "1.2.0"
     assert path == str(tmp_path / "data" / "refcoco_plus" / "unc" / version)
     assert refcoco.BUILDERS["refcoco+"].name == "refcoco_plus"
     b = tfds.builder_from_directory(path)
@@ -274,6 +282,81 @@ def test_refcoco_raw_falls_back_to_sent(tmp_path):
         ("person right", "person right"), ("right one", "right one")]
 
 
+# Hand-checked rules-v1 spans of the fixture sentences: sent_id -> (subject, object) words.
+RULE_SPANS = {
+    "10": (["man"], ["left"]),  # man on the left
+    "11": (["left", "guy"], []),  # left guy
+    "12": (["brown", "dog"], []),  # brown dog
+    "13": (["cat"], []),  # the cat
+    "14": (["person"], []),  # person right: a trailing position word is not the head
+    "15": (["right", "one"], []),  # right one
+    "16": (["dog"], ["bottom"]),  # dog at the bottom
+    "17": (["person"], ["top"]),  # person on top
+}
+
+
+def _span_words(text: str, span: tuple[int, int]) -> list[str]:
+    return [] if span == NO_SPAN else text.split()[span[0] : span[1]]
+
+
+def _built_with_parser(tmp_path, span_parser: str):
+    fx = rf.write_refcoco(tmp_path / "raw")
+    b = refcoco.RefCoco(config="unc", data_dir=str(tmp_path / "data"), manual_dir=fx.root,
+                        span_parser=span_parser, file_format="array_record")
+    b.download_and_prepare()
+    return {e["id"]: e for split in b.info.splits for r in records(b, split)
+            for e in expressions(r)}, b
+
+
+def test_refcoco_spans_rules_parser(tmp_path, caplog):
+    with caplog.at_level("INFO"):
+        exprs, b = _built_with_parser(tmp_path, "rules")
+    assert b.info.metadata[cc.SPAN_PARSER] == so.RULES_NAME
+    assert f"subject/object spans by {so.RULES_NAME}" in caplog.text  # reported at build time
+    assert sorted(exprs) == sorted(RULE_SPANS)
+    for sid, (subject, obj) in RULE_SPANS.items():
+        e = exprs[sid]
+        assert _span_words(e["text"], e["subject_span"]) == subject, e["text"]
+        assert _span_words(e["text"], e["object_span"]) == obj, e["text"]
+
+
+def test_refcoco_spans_spacy_parser_is_used_and_named(tmp_path, monkeypatch):
+    """The spaCy path through the builder, with a stand-in pipeline (no model on PyPI)."""
+    seen = []
+
+    class Tok:  # the attributes of a spaCy Token the official rule reads
+        def __init__(self, i, idx, text, dep):
+            self.i, self.idx, self.text, self.dep_ = i, idx, text, dep
+            self.lefts = []
+            self.left_edge = self.right_edge = self
+
+    def fake_nlp(text):  # the first word a pobj, the last the ROOT
+        seen.append(text)
+        ws, doc, pos = text.split(), [], 0
+        for i, w in enumerate(ws):
+            pos = text.index(w, pos)
+            doc.append(Tok(i, pos, w, "ROOT" if i == len(ws) - 1 else "pobj" if i == 0 else "dep"))
+            pos += len(w)
+        return doc
+
+    monkeypatch.setattr(so, "_load_spacy", lambda *a, **k: (fake_nlp, "spacy-x:fake_md-0"))
+    exprs, b = _built_with_parser(tmp_path, "auto")
+    assert b.info.metadata[cc.SPAN_PARSER] == "spacy-x:fake_md-0"
+    assert sorted(seen) == sorted(e["text"] for e in exprs.values())
+    for e in exprs.values():
+        n = len(e["text"].split())
+        assert e["subject_span"] == (n - 1, n)  # the ROOT
+        assert e["object_span"] == ((0, 1) if n > 1 else NO_SPAN)  # the first pobj
+
+
+def test_refcoco_spans_none_and_bad_parser(tmp_path):
+    exprs, b = _built_with_parser(tmp_path, "none")
+    assert b.info.metadata[cc.SPAN_PARSER] == "none"
+    assert all(e["subject_span"] == NO_SPAN == e["object_span"] for e in exprs.values())
+    with pytest.raises(ValueError, match="unknown span_parser"):
+        refcoco.RefCoco(config="unc", data_dir=str(tmp_path / "d2"), span_parser="stanza")
+
+
 def _ref_target(ref_id: int, ann_id: int):
     def mutate(fx):
         edit_refs(fx, lambda r: next(x for x in r if x["ref_id"] == ref_id).update(ann_id=ann_id))
@@ -340,6 +423,8 @@ def test_grefcoco_records(grefcoco_built):
     fx, b = grefcoco_built
     coco = COCO(str(fx.ann_dir / "instances.json"))
     want = expected_by_split(fx.refs)
+    parser = so.get_parser("auto")
+    assert b.info.metadata[cc.SPAN_PARSER] == parser.name
     for split, per_image in want.items():
         recs = records(b, split)
         assert [int(s(r["image/id"])) for r in recs] == sorted(per_image)
@@ -353,6 +438,7 @@ def test_grefcoco_records(grefcoco_built):
             for e, (_, ann_ids) in zip(got, exp):
                 assert e["kind"] == "gres"
                 assert e["target_ids"] == ([] if ann_ids == [-1] else ann_ids)
+                assert (e["subject_span"], e["object_span"]) == parser(e["text"])
     kinds = {len(e["targets"]) for r in records(b, "train") for e in expressions(r)}
     assert kinds == {0, 1, 2}  # no-target, single and multi-target
 
@@ -399,6 +485,7 @@ def test_maskgroups_records(maskgroups_built):
     # mg-1 and mg-2 share image and pools: one record, the image stored once
     assert [s(r["image/filename"]) for r in train] == ["m1.jpg", "m2.jpg"]
     assert b.info.metadata[EXPRESSIONS_PER_RECORD] == {"train": [2, 2], "eval": [1]}
+    assert b.info.metadata[cc.SPAN_PARSER] == "none"  # MaskGroups-HQ does not parse spans
     samples = {x["id"]: x for split in fx.splits.values() for x in split}
     by_expr = {}
     for rec in train + records(b, "eval"):

@@ -24,9 +24,11 @@ def convert_beit3(
     heads: int | None = None,
     variant: str | None = None,
     scan: bool = True,
+    mrefm: bool = False,
 ) -> str:
     """A torchscale BEiT-3 (``model="beit3"``) or an official OneRef checkpoint (``"oneref"``:
-    BEiT-3 + heads [+ RES BatchNorm statistics]) -> ``output``. Returns a one-line summary."""
+    BEiT-3 + heads [+ RES BatchNorm statistics]; ``mrefm=True``: an MRefM pretraining checkpoint
+    with the mim/mlm heads) -> ``output``. Returns a one-line summary."""
     from refjax.convert import beit3 as conv
     from refjax.convert.common import load_state_dict, save_params
     from refjax.models.beit3 import VARIANTS
@@ -52,6 +54,10 @@ def convert_beit3(
             raise ValueError(f"checkpoint has {got}, variant {variant!r} has {want}")
     meta = {"model": model, "config": dataclasses.asdict(cfg),
             "source": os.path.abspath(input_path)}
+    if model == "oneref" and mrefm:
+        from refjax.convert import oneref
+
+        return oneref.convert_mrefm(sd, cfg, output, source=os.path.abspath(input_path))
     if model == "oneref":
         from refjax.convert import oneref
 
@@ -71,7 +77,8 @@ def convert_beit3(
 def convert(model: str, input_path: str, output: str, **options: Any) -> str:
     """Convert ``input_path`` (a file or a Hugging Face directory) of ``model`` to ``output``.
 
-    Options by model: beit3/oneref ``img_size``, ``heads``, ``variant``, ``scan``; vqkd
+    Options by model: beit3/oneref ``img_size``, ``heads``, ``variant``, ``scan`` (oneref
+    ``mrefm``: an MRefM pretraining checkpoint); vqkd
     ``heads``, ``variant``, ``scan``; clip/siglip/dinov2/dinov2_registers ``scan``; convnext
     ``layout`` ("hf" | "timm"), ``eps``, ``scan``; llama ``scan``. Returns a summary line.
     """
@@ -79,7 +86,7 @@ def convert(model: str, input_path: str, output: str, **options: Any) -> str:
     if model in ("beit3", "oneref"):
         return convert_beit3(input_path, output, model=model, img_size=options.get("img_size"),
                              heads=options.get("heads"), variant=options.get("variant"),
-                             scan=scan)
+                             scan=scan, mrefm=bool(options.get("mrefm")))
     if model == "vqkd":
         from refjax.convert import vqkd
 

@@ -47,8 +47,12 @@ def get_builder(
     manual_dir: str | os.PathLike | None = None,
     *,
     skip_bad_records: bool = False,
+    span_parser: str = "auto",
 ) -> Any:
     """The tfds builder of real dataset ``name`` (a ``BUILDERS`` entry of its module).
+
+    ``span_parser`` picks the subject/object word parser of builders that store word spans
+    (``refjax.data.subject_object``: auto | spacy | rules | none).
 
     ``config``: the builder config (None: the builder's first, e.g. refcoco ``unc``); datasets
     without configs (maskgroups_hq) refuse one. ``manual_dir`` holds the raw files. The builder
@@ -67,6 +71,7 @@ def get_builder(
         data_dir=None if data_dir is None else os.fspath(data_dir),
         manual_dir=manual_dir,
         skip_bad_records=skip_bad_records,
+        span_parser=span_parser,
         file_format="array_record",
     )
 
@@ -77,6 +82,7 @@ def build_dataset(
     data_dir: str | os.PathLike,
     manual_dir: str | os.PathLike | None = None,
     skip_bad_records: bool = False,
+    span_parser: str = "auto",
 ) -> str:
     """Prepare dataset ``name`` (config ``config``) under ``data_dir``; return its version dir.
 
@@ -94,9 +100,8 @@ def build_dataset(
     tfds.disable_progress_bar()  # refjax's builders show their own progress per split
     module = _import_builder(name)
     if hasattr(module, "BUILDERS"):
-        builder = get_builder(
-            name, config, data_dir, manual_dir, skip_bad_records=skip_bad_records
-        )
+        builder = get_builder(name, config, data_dir, manual_dir,
+                              skip_bad_records=skip_bad_records, span_parser=span_parser)
         builder.download_and_prepare()
         return str(builder.data_path)
     full = f"{name}/{config}" if config else name

@@ -22,7 +22,12 @@ Record fields (what ``scene_features()`` declares):
   punctuation (refer's ``raw``; an LLM tokenizer wants it). Builders whose text is already raw
   store it twice: RefShapes (raw = text) and MaskGroups-HQ (raw = the query text). A
   refer-format sentence without ``raw`` stores its ``sent``. ``subject_span``/``object_span``
-  index the words of ``text``.
+  index the whitespace-separated words of ``text``; the span is the noun phrase without its
+  determiner, its head word last (the word MRefM masks first). RefShapes records them from its
+  generator; RefCOCO/+/g and gRefCOCO parse them (``refjax.data.subject_object``: spaCy's
+  dependency parse with OneRef's rule when spaCy and an English model are installed, else a
+  rule-based fallback; ``metadata.json`` names the parser under ``span_parser``); MaskGroups-HQ
+  stores ``(-1, -1)`` (``span_parser`` = ``none``).
 - ``expr_targets`` (Sequence int32): indices into ``objects``; expression e's targets are
   ``expr_targets[target_start:target_start + target_count]`` (count 0 = no-target).
 - ``expr_refs`` (Sequence int32): indices into ``objects`` of ``<mask-ref>`` reference masks.

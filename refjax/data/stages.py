@@ -146,7 +146,11 @@ class Tokenize(_Guarded, grain.transforms.Map):
 
 
 class MRefMMask(_Guarded, grain.transforms.RandomMap):
-    """Referring-aware image mask and text mask (``refjax.masking``) of every example."""
+    """Referring-aware image mask and text mask (``refjax.masking``) of every example.
+
+    ``random_masking`` (the MVLM baseline): patch-random image masking with the referring
+    masking's count (``masking.random_image_mask``) and text masking without the
+    subject/object priority."""
 
     def __init__(
         self,
@@ -156,6 +160,7 @@ class MRefMMask(_Guarded, grain.transforms.RandomMap):
         mask_ratio: float = 0.35,
         dynamic_ratio: float = 0.75,
         text_mask_prob: float = 0.4,
+        random_masking: bool = False,
     ):
         self.size, self.patch, self.mask_id = size, patch, mask_id
         self.mask_ratio, self.dynamic_ratio, self.text_mask_prob = (
@@ -163,6 +168,7 @@ class MRefMMask(_Guarded, grain.transforms.RandomMap):
             dynamic_ratio,
             text_mask_prob,
         )
+        self.random_masking = bool(random_masking)
 
     def random_map(self, x: Any, rng: np.random.Generator) -> Any:
         return self._run(x, rng)
@@ -170,7 +176,10 @@ class MRefMMask(_Guarded, grain.transforms.RandomMap):
     def _apply(self, x: tf.Example, rng: np.random.Generator) -> tf.Example:
         box = tf.box_to_target(x["box"], self.size)
         out = dict(x)
-        out["mim_mask"] = masking.referring_image_mask(
+        image_mask = (
+            masking.random_image_mask if self.random_masking else masking.referring_image_mask
+        )
+        out["mim_mask"] = image_mask(
             box,
             self.size // self.patch,
             rng,
@@ -182,7 +191,7 @@ class MRefMMask(_Guarded, grain.transforms.RandomMap):
             x["n_tok"],
             rng,
             mask_id=self.mask_id,
-            priority=x["mlm_priority"],
+            priority=() if self.random_masking else x["mlm_priority"],
             mask_prob=self.text_mask_prob,
         )
         return out

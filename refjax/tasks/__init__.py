@@ -18,6 +18,8 @@ __all__ = ["Accumulator", "Task", "get_task", "register_task", "task_names"]
 _BUILTIN: dict[str, str] = {
     "rec": "refjax.tasks.oneref:RecTask",
     "res": "refjax.tasks.oneref:ResTask",
+    "mrefm": "refjax.tasks.mrefm:MRefMTask",
+    "ras": "refjax.tasks.ras:RASTask",
 }
 _REGISTERED: dict[str, Callable[[], Task]] = {}
 

@@ -9,8 +9,9 @@
 - :func:`scene_record`, which lays objects/expressions/pool out in the scheme of
   ``refjax.data.schema`` (CSR target/ref lists, row-major ``pool_ioa``);
 - :class:`SceneBuilder`, the tfds base class: scene features, ``disable_shuffling``, the
-  ``manual_dir``/``skip_bad_records`` constructor arguments, and the per-split metadata
-  (``expressions_per_record`` and ``skipped_bad_records``).
+  ``manual_dir``/``skip_bad_records``/``span_parser`` constructor arguments, and the metadata
+  (per split ``expressions_per_record`` and ``skipped_bad_records``; ``span_parser``, the
+  parser of the subject/object word spans, ``refjax.data.subject_object``).
 
 Builder modules list their builders in a ``BUILDERS`` table (dataset name -> class);
 ``refjax.data.build.get_builder``/``build_dataset`` construct and prepare them.
@@ -23,6 +24,7 @@ import collections
 import inspect
 import io
 import json
+import logging as pylogging
 import math
 import os
 import warnings
@@ -38,15 +40,18 @@ from etils import epath
 from PIL import Image
 from tensorflow_datasets.core import utils as tfds_utils
 
-from refjax.boxes import mask_ioa, xywh_to_xyxy, xyxy_to_xywh
+from refjax.boxes import box_problem, mask_ioa, xywh_to_xyxy, xyxy_to_xywh
+from refjax.data import subject_object
 from refjax.data.errors import BadRecordError
 from refjax.data.images import encode_png
 from refjax.data.schema import EXPRESSIONS_PER_RECORD, NO_SPAN, scene_features
 
+_log = pylogging.getLogger(__name__)
+
 # metadata.json key: per split, {"records"|"objects"|"expressions": number skipped}.
 SKIPPED_BAD_RECORDS = "skipped_bad_records"
-# A COCO box may overshoot the image by this many pixels (float rounding); it is then clipped.
-BOX_TOLERANCE = 1.0
+# metadata.json key: the parser of the expressions' subject/object spans ("none": not parsed).
+SPAN_PARSER = "span_parser"
 # Skipped inputs listed by name in an EmptySplitError (the rest are counted).
 MAX_LISTED_SKIPS = 20
 # Split order of the refer/grefer annotation files; other split names follow, sorted.
@@ -81,6 +86,8 @@ class Expression:
     targets: list[int]  # indices into the scene's objects
     refs: list[int] = field(default_factory=list)  # indices into the scene's objects
     raw: str = ""  # the sentence as written (case, punctuation); "" = same as ``text``
+    subject_span: tuple[int, int] = NO_SPAN  # [start, end) words of ``text``, head last
+    object_span: tuple[int, int] = NO_SPAN
 
 
 class EmptySplitError(BadRecordError):
@@ -178,24 +185,17 @@ def check_text(text: Any, record_id: str, field: str) -> str:
 
 
 def check_box(xywh: Any, height: int, width: int, record_id: str, field: str) -> np.ndarray:
-    """Validate a COCO xywh box against the image; returns float32 xywh clipped to the image."""
+    """Validate a COCO xywh box against the image (``refjax.boxes.box_problem``); returns
+    float32 xywh clipped to the image."""
     try:
         b = np.asarray(xywh, np.float64).reshape(4)
     except (TypeError, ValueError) as e:
         raise BadRecordError(record_id, field, f"not a 4-number box: {xywh!r}") from e
-    if not np.all(np.isfinite(b)):
-        raise BadRecordError(record_id, field, f"non-finite box {b.tolist()}")
-    if b[2] <= 0 or b[3] <= 0:
-        raise BadRecordError(record_id, field, f"zero-area box xywh={b.tolist()}")
-    x1, y1, x2, y2 = xywh_to_xyxy(b)
-    t = BOX_TOLERANCE
-    if x1 < -t or y1 < -t or x2 > width + t or y2 > height + t:
-        raise BadRecordError(
-            record_id, field, f"box xywh={b.tolist()} outside the {width}x{height} (WxH) image"
-        )
-    xyxy = np.clip([x1, y1, x2, y2], 0, [width, height, width, height])
-    if xyxy[2] <= xyxy[0] or xyxy[3] <= xyxy[1]:
-        raise BadRecordError(record_id, field, f"zero-area box inside the image xywh={b.tolist()}")
+    xyxy = xywh_to_xyxy(b) if np.all(np.isfinite(b)) else b
+    problem = box_problem(xyxy, width, height)
+    if problem:
+        raise BadRecordError(record_id, field, f"{problem} (COCO xywh={b.tolist()})")
+    xyxy = np.clip(xyxy, 0, [width, height, width, height])
     return xyxy_to_xywh(xyxy).astype(np.float32)
 
 
@@ -409,8 +409,8 @@ def scene_record(
                 "target_count": len(e.targets),
                 "ref_start": len(refs),
                 "ref_count": len(e.refs),
-                "subject_span": np.asarray(NO_SPAN, np.int32),
-                "object_span": np.asarray(NO_SPAN, np.int32),
+                "subject_span": np.asarray(e.subject_span, np.int32).reshape(2),
+                "object_span": np.asarray(e.object_span, np.int32).reshape(2),
             }
         )
         targets.extend(e.targets)
@@ -448,30 +448,65 @@ class SceneBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     Constructor keyword arguments on top of tfds': ``manual_dir`` (where the raw files are;
     otherwise ``download_config.manual_dir``) and ``skip_bad_records`` (default False: a bad
     input raises ``BadRecordError``; True: it is skipped, logged, and counted per split in
-    ``metadata.json`` under ``skipped_bad_records``). They are constructor arguments rather than
-    BuilderConfig fields because tfds refuses a custom config named like a registered one.
+    ``metadata.json`` under ``skipped_bad_records``), and ``span_parser`` (builders with
+    ``PARSES_SPANS``: ``auto`` [default: spaCy when it and an English model are installed,
+    else the rule-based fallback], ``spacy``, ``rules`` or ``none``; see
+    ``refjax.data.subject_object``; the parser used is logged and stored in ``metadata.json``
+    under ``span_parser``). They are constructor arguments rather than BuilderConfig fields
+    because tfds refuses a custom config named like a registered one.
     """
 
-    VERSION = tfds.core.Version("1.1.0")
+    VERSION = tfds.core.Version("1.2.0")
     RELEASE_NOTES = {
         "1.0.0": "Scene records (refjax.data.schema).",
         "1.1.0": "Expressions keep the raw sentence (field 'raw') beside the normalised text.",
+        "1.2.0": "Subject/object word spans parsed from the text (refjax.data.subject_object; "
+        "metadata 'span_parser' names the parser).",
     }
     HOMEPAGE = ""
     DESCRIPTION = ""
     # Units of the skipped_bad_records counts (see BadRecordPolicy).
     SKIP_UNITS: tuple[str, ...] = BadRecordPolicy.UNITS
+    # Whether the builder parses subject/object spans of its expressions (``spans``).
+    PARSES_SPANS = False
 
     def __init__(
         self,
         *,
         manual_dir: str | os.PathLike | None = None,
         skip_bad_records: bool = False,
+        span_parser: str = "auto",
         **kwargs: Any,
     ):
         self.skip_bad_records = bool(skip_bad_records)
         self._raw_dir = Path(manual_dir) if manual_dir is not None else None
+        if span_parser not in subject_object.PARSERS:
+            raise ValueError(f"unknown span_parser {span_parser!r}; one of "
+                             f"{subject_object.PARSERS}")
+        self.span_parser_kind = span_parser if self.PARSES_SPANS else "none"
+        self._span_parser: subject_object.SpanParser | None = None
+        self._span_parser_ready = False
         super().__init__(**kwargs)
+
+    @property
+    def span_parser_name(self) -> str:
+        """The name of the span parser this build uses (``none`` when spans are not parsed);
+        chosen, and logged, on first use."""
+        if not self._span_parser_ready:
+            self._span_parser = subject_object.get_parser(self.span_parser_kind)
+            self._span_parser_ready = True
+            name = self._span_parser.name if self._span_parser is not None else "none"
+            # the stdlib logger: the CLI shows refjax's INFO lines (absl's are silenced there)
+            _log.info("%s: subject/object spans by %s", self.name, name)
+        return self._span_parser.name if self._span_parser is not None else "none"
+
+    def spans(self, text: str) -> tuple[tuple[int, int], tuple[int, int]]:
+        """``(subject_span, object_span)`` of an expression's text (``NO_SPAN`` when the
+        builder does not parse spans)."""
+        self.span_parser_name  # noqa: B018  (resolves the parser once)
+        if self._span_parser is None:
+            return NO_SPAN, NO_SPAN
+        return self._span_parser(text)
 
     @tfds_utils.classproperty
     @classmethod
@@ -492,6 +527,7 @@ class SceneBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
 
     def _split_generators(self, dl_manager):
         root = self._raw_dir if self._raw_dir is not None else Path(dl_manager.manual_dir)
+        self.info.metadata[SPAN_PARSER] = self.span_parser_name
         work = self._load(root)
         return {split: self._generate_examples(split, items) for split, items in work.items()}
 

@@ -12,7 +12,8 @@ and the README's ``grefcoco/`` layout). The manual dir holds, directly or under 
 Builder ``grefcoco``, config ``unc``; splits train/val/testA/testB (those in the file). One
 record per image and split; one expression per sentence (kind ``gres``; text = ``sent``, raw =
 ``raw`` or ``sent``, as for RefCOCO), targets = the indices of the ref's ``ann_id`` list among
-the objects (empty for no-target refs). Skip counts as for RefCOCO (with the unit ``refs``).
+the objects (empty for no-target refs); subject/object spans parsed as for RefCOCO
+(``span_parser``). Skip counts as for RefCOCO (with the unit ``refs``).
 """
 
 from __future__ import annotations

@@ -19,7 +19,10 @@ Builders (``BUILDERS`` names, built by ``refjax.data.build``): ``refcoco`` (conf
 Each record holds all of the image's annotations as ``objects`` and one expression per sentence
 (text = refer's normalised ``sent``, raw = refer's ``raw`` sentence with its case and
 punctuation, or ``sent`` when a sentence has no ``raw``; kind ``refcoco``, id = ``sent_id``,
-target = the index of the ref's ``ann_id`` among the objects). Image bytes are stored as found
+target = the index of the ref's ``ann_id`` among the objects; ``subject_span``/``object_span``
+parsed from the text by ``refjax.data.subject_object``: spaCy when installed with an English
+model, else its rule-based fallback, chosen with the ``span_parser`` builder argument and
+named in ``metadata.json`` under ``span_parser``). Image bytes are stored as found
 (JPEG), once per image. Bad input ids: ``image:<image_id>``, ``ann:<ann_id>``, ``ref:<ref_id>``,
 ``ref:<ref_id>/sent:<sent_id>``. Skip counts (``skipped_bad_records``) have the unit ``refs``
 besides records/objects/expressions: a ref with no sentences, with no usable sentence, or
@@ -86,6 +89,7 @@ class CocoRefBuilder(cc.SceneBuilder, skip_registration=True):
     FOLDER = ""  # refer's data/<FOLDER>/
     KIND = KIND
     SKIP_UNITS = (*cc.BadRecordPolicy.UNITS, "refs")
+    PARSES_SPANS = True
     MANUAL_DOWNLOAD_INSTRUCTIONS = (
         "Put refer's refs(<splitBy>).p and instances.json (https://github.com/lichengunc/refer) "
         "and COCO train2014/ images into the manual dir."
@@ -148,8 +152,10 @@ class CocoRefBuilder(cc.SceneBuilder, skip_registration=True):
                 continue
             raw = sent.get("raw")
             raw = raw.strip() if isinstance(raw, str) and raw.strip() else text
+            subject, obj = self.spans(text)
             out.append(
-                cc.Expression(str(sent["sent_id"]), text, self.KIND, list(targets), raw=raw)
+                cc.Expression(str(sent["sent_id"]), text, self.KIND, list(targets), raw=raw,
+                              subject_span=subject, object_span=obj)
             )
         if not out:  # every sentence was bad (each counted): the ref is gone too
             policy.add("refs", 1)
