@@ -18,7 +18,6 @@ wheel (``refjax.allocator.find_mimalloc``).
 from __future__ import annotations
 
 import argparse
-import glob
 import json
 import os
 import resource
@@ -31,16 +30,13 @@ HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def allocators() -> dict[str, str | None]:
-    from refjax.allocator import find_mimalloc
+    from refjax.allocator import find_mimalloc, find_tcmalloc
 
     found: dict[str, str | None] = {"glibc": None}
-    tc = sorted(glob.glob("/usr/lib/*/libtcmalloc_minimal.so.4")) + sorted(
-        glob.glob("/usr/lib/libtcmalloc_minimal.so.4"))
-    if tc:
-        found["tcmalloc"] = tc[0]
-    mi = find_mimalloc()
-    if mi:
-        found["mimalloc"] = mi
+    if find_tcmalloc():
+        found["tcmalloc"] = find_tcmalloc()
+    if find_mimalloc():
+        found["mimalloc"] = find_mimalloc()  # run with refjax.allocator.MIMALLOC_ENV
     return found
 
 
@@ -67,6 +63,10 @@ def run_once(case: str, lib: str | None, data_dir: str, data_config: str, steps:
     env.pop("XLA_FLAGS", None)
     if lib:
         env["LD_PRELOAD"] = lib
+        if "mimalloc" in lib:
+            from refjax.allocator import MIMALLOC_ENV
+
+            env = {**MIMALLOC_ENV, **env}
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     subprocess.run(args, cwd=HERE, env=env, check=True, capture_output=True)
     after = resource.getrusage(resource.RUSAGE_CHILDREN)

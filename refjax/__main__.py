@@ -1,4 +1,5 @@
-"""Command line: ``python -m refjax {build-data, convert, bench, demo, train, eval, predict}``."""
+"""Command line: ``python -m refjax {build-data, convert, export, bench, demo, train, eval, predict,
+train-tokenizer}``."""
 
 from __future__ import annotations
 
@@ -56,6 +57,15 @@ def _convert_ras(args: argparse.Namespace) -> int:
     return 0
 
 
+def _export(args: argparse.Namespace) -> int:
+    from refjax.train.trainer import export_params
+
+    _require_workdir(args.workdir)
+    out = export_params(args.workdir, args.out, args.step, data_dir=args.data_dir)
+    print(f"wrote {out} (parameters only)")
+    return 0
+
+
 def _train_tokenizer(args: argparse.Namespace) -> int:
     from refjax.tokenizer_fit import run_args
 
@@ -76,7 +86,7 @@ def _demo(args: argparse.Namespace) -> int:
     """The README's main job: train OneRef (box + mask) on RefShapes, evaluate, report."""
     from refjax import demo
 
-    demo.run(args.workdir, args.data_config, args.set)
+    demo.run(args.workdir, args.data_config, args.set, budget_min=args.budget_min)
     return 0
 
 
@@ -145,7 +155,19 @@ def _eval(args: argparse.Namespace) -> int:
     from refjax.train.trainer import evaluate
 
     _require_workdir(args.workdir)
-    config = _load_config(args) if args.config else None
+    if args.config:
+        config = _load_config(args)
+    elif args.set:  # overrides on the run's own config.json (e.g. data.data_dir)
+        from refjax.train.config import apply_overrides
+        from refjax.train.trainer import load_config_json
+
+        config = load_config_json(args.workdir)
+        try:
+            apply_overrides(config, args.set)
+        except KeyError as e:
+            raise UserError(str(e.args[0]) if e.args else str(e)) from e
+    else:
+        config = None
     splits = [s for s in args.splits.split(",") if s] if args.splits else None
     result = evaluate(config, args.workdir, splits, args.step)
     print(json.dumps(result, indent=2, sort_keys=True))
@@ -207,6 +229,8 @@ def main(argv: list[str] | None = None) -> int:
 
     d = sub.add_parser("demo", help="the README's main job: train and evaluate on RefShapes")
     d.add_argument("--workdir", default="runs/demo")
+    d.add_argument("--budget-min", type=float, default=15.0,
+                   help="wall-clock minutes the whole demo is sized for (default 15)")
     d.add_argument("--data-config", default="default", help="RefShapes config: default | tiny")
     d.add_argument("--set", action="append", default=[],
                    help="config override key=value (repeatable), e.g. train.total_steps=200")
@@ -230,6 +254,13 @@ def main(argv: list[str] | None = None) -> int:
                    help="discard a run in --workdir whose saved config differs, start afresh")
     t.set_defaults(fn=_train)
 
+    ex = sub.add_parser("export", help="a parameters-only copy of a run (e.g. to ship it)")
+    ex.add_argument("--workdir", required=True)
+    ex.add_argument("--out", required=True, help="output directory (must not exist)")
+    ex.add_argument("--step", type=int, default=None, help="default: best, else latest")
+    ex.add_argument("--data-dir", default=None, help="data.data_dir written into its config")
+    ex.set_defaults(fn=_export)
+
     tk = sub.add_parser("train-tokenizer",
                         help="fit the embedded k-means MIM tokenizer (MRefM targets) on a split")
     from refjax.tokenizer_fit import add_arguments
@@ -242,7 +273,8 @@ def main(argv: list[str] | None = None) -> int:
     e.add_argument("--workdir", required=True)
     e.add_argument("--splits", default=None, help="comma list (default: config eval.splits)")
     e.add_argument("--step", type=int, default=None, help="default: best, else latest")
-    e.add_argument("--set", action="append", metavar="KEY=VALUE", help="config override")
+    e.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="config override (on --config, else on the run's config.json)")
     e.set_defaults(fn=_eval)
 
     args = p.parse_args(argv)

@@ -1,12 +1,13 @@
-"""A faster malloc for XLA:CPU: find mimalloc and re-run the CLI with it preloaded.
+"""A faster malloc for XLA:CPU: re-run the CLI with tcmalloc or mimalloc preloaded.
 
 XLA:CPU maps each execution's temporary buffer afresh; under glibc malloc that is an ``mmap``
-and hundreds of thousands of page faults per training step. Preloading mimalloc (the
-``cmeel-mimalloc`` wheel in requirements.txt) reuses that memory; ``benchmarks/allocator.py``
-measures the gain (BENCHMARKS.md). ``python -m refjax`` re-executes itself once with
-``LD_PRELOAD`` set when the library is found; ``REFJAX_ALLOCATOR=system`` opts out, and
-``REFJAX_ALLOCATOR=/path/lib.so`` preloads another allocator. A library call (``import refjax``)
-never changes the allocator: that is the interpreter's business.
+and hundreds of thousands of page faults per training step. A caching allocator reuses that
+memory; ``benchmarks/allocator.py`` measures the gain (BENCHMARKS.md). ``python -m refjax``
+re-executes itself once with ``LD_PRELOAD`` set to, in order: ``$REFJAX_ALLOCATOR`` (a path),
+the system's tcmalloc (Debian ``libtcmalloc-minimal4``) when installed, else mimalloc from the
+``cmeel-mimalloc`` wheel in requirements.txt (with page purging off, which is what saves the
+page faults). ``REFJAX_ALLOCATOR=system`` opts out. A library call (``import refjax``) never
+changes the allocator: that is the interpreter's business.
 """
 
 from __future__ import annotations
@@ -28,15 +29,25 @@ def find_mimalloc() -> str | None:
     return None
 
 
+# mimalloc options: keep freed pages (XLA frees and re-allocates its big buffer every step).
+MIMALLOC_ENV = {"MIMALLOC_PURGE_DELAY": "-1", "MIMALLOC_ARENA_EAGER_COMMIT": "1"}
+
+
+def find_tcmalloc() -> str | None:
+    """The system's tcmalloc (Debian ``libtcmalloc-minimal4``), or None."""
+    hits = sorted(glob.glob("/usr/lib/*/libtcmalloc_minimal.so.4")) + sorted(
+        glob.glob("/usr/lib/libtcmalloc_minimal.so.4"))
+    return hits[0] if hits else None
+
+
 def preload_library() -> str | None:
-    """The allocator ``python -m refjax`` preloads: ``$REFJAX_ALLOCATOR`` (a path, or
-    ``system`` for none), else mimalloc when installed."""
+    """The allocator ``python -m refjax`` preloads (module docstring), or None."""
     choice = os.environ.get(ENV, "")
     if choice == "system":
         return None
     if choice:
         return choice if os.path.isfile(choice) else None
-    return find_mimalloc()
+    return find_tcmalloc() or find_mimalloc()
 
 
 def reexec_with_allocator(argv: list[str]) -> None:
@@ -48,6 +59,8 @@ def reexec_with_allocator(argv: list[str]) -> None:
     if not lib or lib in os.environ.get("LD_PRELOAD", ""):
         return
     env = dict(os.environ)
+    if "mimalloc" in os.path.basename(lib):
+        env = {**MIMALLOC_ENV, **env}
     env["LD_PRELOAD"] = ":".join(p for p in (lib, env.get("LD_PRELOAD", "")) if p)
     env[_MARK] = lib
     os.execve(sys.executable, [sys.executable, "-m", "refjax", *argv], env)

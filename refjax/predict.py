@@ -14,6 +14,7 @@ optimizer is built or read. What ``predict`` takes and returns is the task's
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 from refjax.tasks.oneref import (  # noqa: F401  (re-exported: OneRef's geometry helpers)
@@ -27,11 +28,12 @@ class Predictor:
     """Factory of task predictors: ``Predictor.from_workdir(dir)``."""
 
     @classmethod
-    def from_workdir(cls, workdir: str, step: int | None = None) -> Any:
-        """The predictor of a training run's task (best checkpoint, else latest, or ``step``)."""
+    def from_workdir(cls, workdir: str, step: int | None = None, sets: Sequence[str] = ()) -> Any:
+        """The predictor of a training run's task (best checkpoint, else latest, or ``step``);
+        ``sets`` override the run's config (e.g. ``data.data_dir=...``)."""
         from refjax.train.trainer import load_for_inference
 
-        task, model, variables, config = load_for_inference(workdir, step=step)
+        task, model, variables, config = load_for_inference(workdir, step=step, sets=sets)
         from refjax.train.state import model_variables
 
         return task.make_predictor(model, model_variables(variables), config)

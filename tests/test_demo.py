@@ -38,3 +38,16 @@ def test_sample_and_write_report(refshapes_tiny_dir, tmp_path):  # noqa: F811
     assert saved["splits"] == metrics and saved["wall_time_s"] == 1.0
     grid = Image.open(tmp_path / "predictions.png")
     assert grid.width > 4 * 200 and np.asarray(grid).std() > 0
+
+
+def test_short_run_configs_chain_pretraining_into_transfer(tmp_path):
+    pre, tr = demo.short_run_configs(str(tmp_path), "tiny", 30, 60, str(tmp_path / "mrefm"))
+    assert pre.task == "mrefm" and tr.task == "res"
+    assert pre.model.tokenizer_init.endswith(demo.TOKENIZER)
+    assert tr.init == str(tmp_path / "mrefm")
+    assert (pre.train.total_steps, tr.train.total_steps) == (30, 60)
+    for c in (pre, tr):  # the same small backbone on both sides of the transfer
+        assert (c.model.dim, c.model.depth, c.data.max_text_len) == (128, 3, 24)
+    assert tr.loss.use_box_loss and tr.loss.use_seg_loss and tr.model.seg_dim == 32
+    table = demo._overall_table({"a": {"val": {"count": 4.0, "acc@0.5": 0.5, "miou": 0.25}}})
+    assert table.splitlines()[2].split() == ["a", "val", "4", "50.00%", "25.00%", "-"]

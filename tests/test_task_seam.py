@@ -156,6 +156,14 @@ def test_a_task_defined_in_a_test_trains_evaluates_and_restores(refshapes_tiny_d
     box = predict(np.zeros((2, SIZE, SIZE, 3), np.float32), np.zeros((2, 3), np.float32))
     assert box.shape == (2, 4)
 
+    # A parameters-only export evaluates to the same metrics and has no optimizer state.
+    shipped = trainer.export_params(workdir, str(tmp_path / "shipped"), step=6)
+    assert os.listdir(os.path.join(shipped, "checkpoints", "6")).count("train") == 0
+    ev2 = trainer.evaluate(None, shipped, splits=["val"])
+    assert ev2["step"] == 6 and ev2["splits"]["val"] == pytest.approx(ev["splits"]["val"])
+    with pytest.raises(FileExistsError):
+        trainer.export_params(workdir, shipped)
+
     # A finished run with the same config resumes without training; a different config is
     # refused naming the keys unless the caller asks to resume or to overwrite.
     again = trainer.train(config, workdir)

@@ -168,6 +168,18 @@ class Checkpointer:
         return TrainState(step=t["step"], params=v["params"], frozen=v["frozen"],
                           batch_stats=v["batch_stats"], opt_state=t["opt_state"], rng=t["rng"])
 
+    def save_variables(self, step: int, variables: Mapping[str, Any],
+                       metrics: Mapping[str, Any] | None = None) -> None:
+        """Save ``{"params", "frozen", "batch_stats"}`` alone (a parameters-only run, e.g. a
+        shipped checkpoint): ``restore_variables`` reads it; ``restore`` of a TrainState
+        cannot. Waits until the step is committed."""
+        if not check_finite(variables):
+            raise NonFiniteStateError(f"refusing to checkpoint step {step}: NaN/Inf")
+        metrics = None if metrics is None else {k: _plain(v) for k, v in metrics.items()}
+        args = ocp.args.Composite(**{VARIABLES: ocp.args.StandardSave(dict(variables))})
+        self._manager.save(step, args=args, metrics=metrics, force=True)
+        self._manager.wait_until_finished()
+
     def restore_variables(self, step: int | None = None, target: Any = None) -> dict[str, Any]:
         """Only the ``{"params", "frozen", "batch_stats"}`` of a saved ``TrainState`` (no
         optimizer state is read), onto ``target``'s shardings (default: as saved, on one

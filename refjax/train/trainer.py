@@ -371,10 +371,11 @@ def evaluate(
     workdir: str,
     splits: Sequence[str] | None = None,
     step: int | None = None,
+    out_dir: str | None = None,
 ) -> dict[str, Any]:
     """Evaluate a checkpoint of ``workdir`` (default: the best, else the latest) on ``splits``
     (default ``config.eval.splits``); ``config=None`` reads ``workdir/config.json``.
-    Writes ``workdir/eval_step<N>.json`` and returns ``{"step", "splits": {...}}``.
+    Writes ``<out_dir or workdir>/eval_step<N>.json`` and returns ``{"step", "splits": {...}}``.
     """
     workdir = os.path.abspath(workdir)
     if not os.path.isdir(workdir):
@@ -395,18 +396,58 @@ def evaluate(
                 sp: evaluate_split(task, config, eval_step, variables, sp, mesh) for sp in splits
             }}
     if _is_main():
-        _write_json(os.path.join(workdir, f"eval_step{step}.json"), result)
+        out_dir = out_dir or workdir
+        os.makedirs(out_dir, exist_ok=True)
+        _write_json(os.path.join(out_dir, f"eval_step{step}.json"), result)
     return result
 
 
+def export_params(
+    workdir: str,
+    out_dir: str,
+    step: int | None = None,
+    *,
+    data_dir: str | None = None,
+    files: Sequence[str] = (METRICS_FILE, METRICS_JSONL),
+) -> str:
+    """Write a parameters-only copy of a run (best, else latest, or ``step``): ``config.json``
+    (``data.data_dir`` replaced by ``data_dir`` when given), ``checkpoints/<step>/variables``
+    (no optimizer state) and ``files`` copied from the run. ``python -m refjax eval`` and
+    ``Predictor.from_workdir`` read the result like a run. ``out_dir`` must not exist."""
+    workdir, out_dir = os.path.abspath(workdir), os.path.abspath(out_dir)
+    if os.path.exists(out_dir):
+        raise FileExistsError(f"{out_dir} exists; remove it or choose another output")
+    config = load_config_json(workdir)
+    task, _, variables, _, step = restore_variables(
+        config, workdir, step, parallel.create_mesh({"data": 1}, jax.devices()[:1]),
+        parallel.rules_for("dp"))
+    tmp = out_dir + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    if data_dir is not None:
+        with config.unlocked():
+            config.data.data_dir = data_dir
+    _write_json(os.path.join(tmp, CONFIG_FILE), json.loads(config.to_json()))
+    for name in files:
+        if os.path.isfile(os.path.join(workdir, name)):
+            shutil.copy(os.path.join(workdir, name), os.path.join(tmp, name))
+    with _checkpointer(config, tmp) as ckpt:
+        ckpt.save_variables(step, jax.device_get(variables))
+    os.replace(tmp, out_dir)
+    return out_dir
+
+
 def load_for_inference(
-    workdir: str, step: int | None = None
+    workdir: str, step: int | None = None, sets: Sequence[str] = ()
 ) -> tuple[Task, Any, dict[str, Any], ml_collections.ConfigDict]:
     """``(task, model, variables, config)`` from a train workdir's checkpoint (default: the
     best, else the latest): ``{"params", "frozen", "batch_stats"}`` replicated over all local
-    devices; no optimizer state is built or read."""
+    devices; no optimizer state is built or read. ``sets`` override the run's config (e.g.
+    ``data.data_dir=...`` where the dataset and its tokenizer live on this machine)."""
     workdir = os.path.abspath(workdir)
     config = load_config_json(workdir)
+    if sets:
+        config_lib.apply_overrides(config, sets)
     mesh = parallel.create_mesh({"data": -1}, jax.local_devices())
     rules = parallel.rules_for("dp")
     task, model, variables, _, _ = restore_variables(config, workdir, step, mesh, rules)
