@@ -9,7 +9,7 @@ import os
 import sys
 
 
-class UserError(Exception):
+class UserError(ValueError):
     """A mistake in the command line or its inputs: reported as one line, exit status 2."""
 
 
@@ -66,6 +66,12 @@ def _export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _ras_features(args: argparse.Namespace) -> int:
+    from refjax.ras_features import run_args
+
+    return run_args(args)
+
+
 def _train_tokenizer(args: argparse.Namespace) -> int:
     from refjax.tokenizer_fit import run_args
 
@@ -115,7 +121,20 @@ def _predict(args: argparse.Namespace) -> int:
         raise UserError("--text is empty: give the referring expression to ground")
     _require_workdir(args.workdir)
     image = _read_image(args.image)
+    for m in args.ref_mask:
+        if not os.path.isfile(m):
+            raise UserError(f"reference mask {m!r} does not exist")
+    if args.pool and args.pool != "auto" and not os.path.isfile(args.pool):
+        raise UserError(f"pool {args.pool!r} does not exist (a COCO-RLE JSON file, or auto)")
     predictor = Predictor.from_workdir(args.workdir, step=args.step)
+    from refjax.tasks.ras_predict import RASPredictor, run_cli
+
+    if isinstance(predictor, RASPredictor):  # a mask group from a candidate pool
+        run_cli(predictor, image, args.text, args.ref_mask, args.pool or "auto", args.out)
+        return 0
+    if args.ref_mask or args.pool:
+        raise UserError("--ref-mask and --pool are for RAS runs; this run's task is "
+                        f"{predictor.config.task!r}")
     pred = predictor.predict(image, args.text)
     box = ", ".join(f"{v:.1f}" for v in pred["box_xyxy"])
     print(f"box_xyxy=[{box}] score={pred['score']:.3f}")
@@ -236,15 +255,22 @@ def main(argv: list[str] | None = None) -> int:
                    help="config override key=value (repeatable), e.g. train.total_steps=200")
     d.set_defaults(fn=_demo)
 
-    pr = sub.add_parser("predict", help="box (and mask) for an image and a referring expression")
+    pr = sub.add_parser("predict", help="box and mask (OneRef) or a mask group (RAS) for an "
+                                        "image and a referring expression")
     pr.add_argument("--workdir", required=True, help="a training run directory")
     pr.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
     pr.add_argument("--image", required=True)
     pr.add_argument("--text", required=True)
     pr.add_argument("--out", default=None, help="write the drawn prediction here (.png)")
+    pr.add_argument("--ref-mask", action="append", default=[], metavar="MASK.png",
+                    help="RAS: a reference mask for each <mask-ref> in the text, in order")
+    pr.add_argument("--pool", default=None,
+                    help="RAS: candidate masks as COCO-RLE JSON (what a SAM run writes), or "
+                         "'auto' (a classical superpixel pool; real use wants SAM masks)")
     pr.set_defaults(fn=_predict)
 
-    t = sub.add_parser("train", help="train OneRef REC/RES (resumes from the workdir)")
+    t = sub.add_parser("train", help="train any task (config.task: rec, res, mrefm, ras); "
+                                     "resumes a run in the workdir")
     t.add_argument("--config", required=True, help="configs/oneref/rec_res.py:tiny[,task=res]")
     t.add_argument("--workdir", required=True)
     t.add_argument("--set", action="append", metavar="KEY=VALUE", help="config override")
@@ -260,6 +286,13 @@ def main(argv: list[str] | None = None) -> int:
     ex.add_argument("--step", type=int, default=None, help="default: best, else latest")
     ex.add_argument("--data-dir", default=None, help="data.data_dir written into its config")
     ex.set_defaults(fn=_export)
+
+    rf = sub.add_parser("ras-features",
+                        help="RAS: run the frozen towers once per image, write a feature cache")
+    from refjax.ras_features import add_arguments as ras_feature_arguments
+
+    ras_feature_arguments(rf)
+    rf.set_defaults(fn=_ras_features)
 
     tk = sub.add_parser("train-tokenizer",
                         help="fit the embedded k-means MIM tokenizer (MRefM targets) on a split")

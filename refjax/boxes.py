@@ -204,6 +204,76 @@ class Letterbox:
         return m[..., ys[:, None], xs[None, :]]
 
 
+@dataclass(frozen=True)
+class Expand2Square:
+    """LLaVA ``expand2square`` followed by a resize of the square to ``size x size``.
+
+    The image is pasted at ``(left, top) = ((side - w) // 2, (side - h) // 2)`` on a square of
+    side ``max(w, h)`` (LLaVA's integer offsets), the square is resized to ``size``. Masks are
+    zero-padded the same way and resized with PIL-exact nearest sampling
+    (``refjax.data.transforms.resize_masks``).
+    """
+
+    orig_w: int
+    orig_h: int
+    size: int
+
+    @property
+    def side(self) -> int:
+        return max(self.orig_w, self.orig_h)
+
+    @property
+    def left(self) -> int:
+        return (self.side - self.orig_w) // 2
+
+    @property
+    def top(self) -> int:
+        return (self.side - self.orig_h) // 2
+
+    def pad(self, x: np.ndarray, fill: Any = 0) -> np.ndarray:
+        """Original ``(..., orig_h, orig_w)`` masks zero-padded (``fill``) to the centred
+        ``(..., side, side)`` square (an ``(orig_h, orig_w, C)`` image: pass it with its
+        channels first, or use :meth:`pad_image`)."""
+        x = np.asarray(x)
+        out = np.full((*x.shape[:-2], self.side, self.side), fill, x.dtype)
+        out[..., self.top : self.top + self.orig_h, self.left : self.left + self.orig_w] = x
+        return out
+
+    def pad_image(self, image: np.ndarray, fill: Any) -> np.ndarray:
+        """An ``(orig_h, orig_w, C)`` image pasted on the centred ``(side, side, C)`` square
+        filled with ``fill`` (LLaVA: the CLIP mean colour, ``int(255 * mean)`` per channel)."""
+        img = np.asarray(image)
+        if img.shape[:2] != (self.orig_h, self.orig_w):
+            raise ValueError(f"image of size {img.shape[:2]}, expected "
+                             f"{(self.orig_h, self.orig_w)}")
+        out = np.empty((self.side, self.side, *img.shape[2:]), img.dtype)
+        out[...] = np.asarray(fill, img.dtype)
+        out[self.top : self.top + self.orig_h, self.left : self.left + self.orig_w] = img
+        return out
+
+    def forward_mask(self, mask: np.ndarray) -> np.ndarray:
+        """Original ``(..., orig_h, orig_w)`` mask -> canvas ``(..., size, size)``."""
+        from refjax.data.transforms import resize_masks
+
+        m = np.asarray(mask)
+        if m.shape[-2:] != (self.orig_h, self.orig_w):
+            raise ValueError(f"mask of size {m.shape[-2:]}, expected {(self.orig_h, self.orig_w)}")
+        return resize_masks(self.pad(m), self.size, self.size)
+
+    def inverse_mask(self, mask: np.ndarray) -> np.ndarray:
+        """Canvas ``(..., size, size)`` mask -> original ``(..., orig_h, orig_w)``: nearest
+        sampling at original pixel centres, canvas index ``floor((i + off + 0.5) * size / side)``
+        (as ``Letterbox.inverse_mask``), keeping the dtype."""
+        m = np.asarray(mask)
+        if m.shape[-2:] != (self.size, self.size):
+            raise ValueError(f"mask of size {m.shape[-2:]}, expected {(self.size, self.size)}")
+        r = self.size / self.side
+        ys = np.floor((np.arange(self.orig_h) + self.top + 0.5) * r).astype(np.int64)
+        xs = np.floor((np.arange(self.orig_w) + self.left + 0.5) * r).astype(np.int64)
+        ys, xs = np.minimum(ys, self.size - 1), np.minimum(xs, self.size - 1)
+        return m[..., ys[:, None], xs[None, :]]
+
+
 def mask_ioa(cands: np.ndarray, region: np.ndarray) -> np.ndarray:
     """Intersection over candidate area: |c ∩ region| / |c| for masks (N, H, W) vs (H, W).
 

@@ -102,7 +102,9 @@ def expand(scene: dict, expr_idx: int) -> Example:
     """One example for expression ``expr_idx`` of a decoded scene, in original pixels.
 
     Keys: image uint8 (H,W,3); box float32 xyxy (the target box; for groups the tight box of the
-    union mask; zeros for no-target); mask uint8 (H,W) union target mask; text; kind (int);
+    union mask; zeros for no-target); mask uint8 (H,W) union target mask; text; raw (the text
+    with case and punctuation, where the dataset stores it); caption (the scene's); expr_pos
+    (the expression's index in the scene); kind (int);
     num_targets; ref_masks (R,H,W); pool_masks (P,H,W); pool_ioa (P,); subject_span,
     object_span int32 (2,); record_id, expr_id. Bad input raises ``BadRecordError``.
     """
@@ -152,6 +154,9 @@ def expand(scene: dict, expr_idx: int) -> Example:
         "box": box.astype(np.float32),
         "mask": union,
         "text": text,
+        "raw": str(ex.get("raw") or text),  # case and punctuation kept (LLM tokenizers)
+        "caption": str(scene.get("caption", "")),
+        "expr_pos": int(expr_idx),
         "kind": kind_id(str(ex.get("kind", ""))),
         "num_targets": len(targets),
         "ref_masks": masks[refs] if len(refs) else np.zeros((0, h, w), np.uint8),

@@ -32,21 +32,29 @@ over all jax processes exactly (``refjax.evaluate.metrics.allreduce_sums``).
 Geometry: the RAS canvas is LLaVA's ``expand2square`` (centred pad to a square of side
 max(w, h), then a resize of the square). ``refjax.boxes.Letterbox`` resizes first and pads by
 whole canvas pixels, so it cannot express the fractional pad offset of ``expand2square``;
-``Expand2Square`` below is its geometry (mask forward / inverse maps).
+``refjax.boxes.Expand2Square`` (re-exported here) is its geometry (mask forward / inverse maps).
+
+Exact scoring without the original masks: ``pool_atoms`` reduces a pool and a GT mask at the
+original resolution to fixed-size atoms from which ``atom_terms`` gives the terms of any
+selection (the RAS task's rows carry them; its eval step scores on the device).
 """
 
 from __future__ import annotations
 
 import zlib
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-from refjax.boxes import Letterbox, _xp, mask_iou
+from refjax.boxes import (  # noqa: F401  (Expand2Square re-exported)
+    Expand2Square,
+    Letterbox,
+    _xp,
+    mask_iou,
+)
 from refjax.data.refshapes_render import greedy_oracle
-from refjax.data.transforms import KINDS, resize_masks
+from refjax.data.transforms import KINDS
 from refjax.evaluate.metrics import allreduce_sums
 
 Array = Any
@@ -83,61 +91,6 @@ _F = {f: i for i, f in enumerate(FIELDS)}
 
 
 # ----------------------------------------------------------------------------- geometry
-@dataclass(frozen=True)
-class Expand2Square:
-    """LLaVA ``expand2square`` followed by a resize of the square to ``size x size``.
-
-    The image is pasted at ``(left, top) = ((side - w) // 2, (side - h) // 2)`` on a square of
-    side ``max(w, h)`` (LLaVA's integer offsets), the square is resized to ``size``. Masks are
-    zero-padded the same way and resized with PIL-exact nearest sampling
-    (``refjax.data.transforms.resize_masks``).
-    """
-
-    orig_w: int
-    orig_h: int
-    size: int
-
-    @property
-    def side(self) -> int:
-        return max(self.orig_w, self.orig_h)
-
-    @property
-    def left(self) -> int:
-        return (self.side - self.orig_w) // 2
-
-    @property
-    def top(self) -> int:
-        return (self.side - self.orig_h) // 2
-
-    def pad(self, x: np.ndarray, fill: Any = 0) -> np.ndarray:
-        """Original ``(..., orig_h, orig_w)`` masks zero-padded (``fill``) to the centred
-        ``(..., side, side)`` square."""
-        x = np.asarray(x)
-        out = np.full((*x.shape[:-2], self.side, self.side), fill, x.dtype)
-        out[..., self.top : self.top + self.orig_h, self.left : self.left + self.orig_w] = x
-        return out
-
-    def forward_mask(self, mask: np.ndarray) -> np.ndarray:
-        """Original ``(..., orig_h, orig_w)`` mask -> canvas ``(..., size, size)``."""
-        m = np.asarray(mask)
-        if m.shape[-2:] != (self.orig_h, self.orig_w):
-            raise ValueError(f"mask of size {m.shape[-2:]}, expected {(self.orig_h, self.orig_w)}")
-        return resize_masks(self.pad(m), self.size, self.size)
-
-    def inverse_mask(self, mask: np.ndarray) -> np.ndarray:
-        """Canvas ``(..., size, size)`` mask -> original ``(..., orig_h, orig_w)``: nearest
-        sampling at original pixel centres, canvas index ``floor((i + off + 0.5) * size / side)``
-        (as ``Letterbox.inverse_mask``), keeping the dtype."""
-        m = np.asarray(mask)
-        if m.shape[-2:] != (self.size, self.size):
-            raise ValueError(f"mask of size {m.shape[-2:]}, expected {(self.size, self.size)}")
-        r = self.size / self.side
-        ys = np.floor((np.arange(self.orig_h) + self.top + 0.5) * r).astype(np.int64)
-        xs = np.floor((np.arange(self.orig_w) + self.left + 0.5) * r).astype(np.int64)
-        ys, xs = np.minimum(ys, self.size - 1), np.minimum(xs, self.size - 1)
-        return m[..., ys[:, None], xs[None, :]]
-
-
 def letterbox_from_row(row: Array, size: int) -> Letterbox:
     """The ``Letterbox`` of a row's ``letterbox`` vector ``[orig_w, orig_h, new_w, new_h, left,
     top]`` (as ``refjax.data.transforms.eval_letterbox`` writes it)."""
@@ -241,6 +194,66 @@ def original_resolution_stats(
         oracle = oracle_per_sample(pool, gt if out["has_target"] else np.zeros_like(gt), pool_valid)
         out.update(oracle_inter=oracle["oracle_inter"], oracle_union=oracle["oracle_union"])
     return out
+
+
+def pool_atoms(
+    pool: np.ndarray, gt: np.ndarray, max_atoms: int
+) -> dict[str, np.ndarray]:
+    """Exact original-resolution GRES terms of *any* selection from a pool, in fixed shapes.
+
+    An atom is the set of pixels covered by exactly the same candidates (one non-empty
+    membership pattern of the ``(N, H, W)`` pool). The union of a selection ``s`` covers atom
+    ``a`` iff ``members[a] & s`` is non-empty, so ``pred_area = sum_a covered_a area_a``,
+    ``I = sum_a covered_a gt_a`` and ``U = |GT| + pred_area - I`` are integer sums over atoms
+    (``atom_terms``): the model's selection is scored at the original resolution on the device,
+    without the original masks. Returns ``atom_members`` uint8 (max_atoms, N), ``atom_area``
+    and ``atom_gt`` int32 (max_atoms,) (pixels, and pixels inside ``gt``), ``gt_area`` int32,
+    ``atom_count`` (the true number of atoms) and ``atom_exact`` (1 when it fits). With more
+    atoms than ``max_atoms`` the largest ``max_atoms`` are kept and the others' pixels count as
+    never predicted (``atom_exact`` = 0; the metrics report such rows).
+    """
+    p = np.asarray(pool).astype(bool)
+    g = np.asarray(gt).astype(bool)
+    n = len(p)
+    if p.ndim != 3 or p.shape[1:] != g.shape:
+        raise ValueError(f"pool {p.shape} and GT {g.shape} do not match")
+    members = np.zeros((max_atoms, n), np.uint8)
+    area = np.zeros(max_atoms, np.int32)
+    gt_px = np.zeros(max_atoms, np.int32)
+    out = {"atom_members": members, "atom_area": area, "atom_gt": gt_px,
+           "gt_area": np.int32(g.sum()), "atom_count": np.int32(0), "atom_exact": np.int32(1)}
+    flat = p.reshape(n, -1)
+    cov = flat.any(axis=0) if n else np.zeros(g.size, bool)
+    if not cov.any():
+        return out
+    codes = np.ascontiguousarray(np.packbits(flat[:, cov].T, axis=1))
+    nbytes = codes.shape[1]
+    keys = codes.view(np.dtype((np.void, nbytes))).ravel()
+    uniq, inv, counts = np.unique(keys, return_inverse=True, return_counts=True)
+    inside = np.bincount(inv.ravel(), weights=g.ravel()[cov], minlength=len(uniq))
+    bits = np.unpackbits(uniq.view(np.uint8).reshape(len(uniq), nbytes), axis=1)[:, :n]
+    order = np.argsort(-counts, kind="stable")[:max_atoms]
+    k = len(order)
+    members[:k] = bits[order]
+    area[:k] = counts[order]
+    gt_px[:k] = np.round(inside[order]).astype(np.int64)
+    out["atom_count"] = np.int32(len(uniq))
+    out["atom_exact"] = np.int32(len(uniq) <= max_atoms)
+    return out
+
+
+def atom_terms(selected: Array, members: Array, area: Array, gt_px: Array,
+               gt_area: Array) -> dict[str, Array]:
+    """``inter``, ``union``, ``pred_area`` (int32) of selections ``(..., N)`` from the atoms of
+    ``pool_atoms`` (``(..., A, N)``, ``(..., A)``, ``(..., A)``, ``(...)``). Jittable; numpy in
+    -> numpy out."""
+    xp = _xp(members)
+    sel = xp.asarray(selected).astype(xp.int32)
+    hit = xp.sum(xp.asarray(members).astype(xp.int32) * sel[..., None, :], axis=-1) > 0
+    pred = xp.sum(xp.where(hit, xp.asarray(area), 0), axis=-1).astype(xp.int32)
+    inter = xp.sum(xp.where(hit, xp.asarray(gt_px), 0), axis=-1).astype(xp.int32)
+    union = (xp.asarray(gt_area).astype(xp.int32) + pred - inter).astype(xp.int32)
+    return {"inter": inter, "union": union, "pred_area": pred}
 
 
 def res_headline(ciou_by_split: Mapping[str, float]) -> float:
