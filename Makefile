@@ -7,8 +7,10 @@ CONSTRAINTS := constraints/py$(PYVER).txt
 # torch (CPU wheel) and torchscale exist for Python 3.11 only; the parity tests need them there.
 WITH_TORCH ?= $(if $(filter 311,$(PYVER)),1,0)
 PIP = $(VENV)/bin/python -m pip
+# pytest-xdist workers: one per core of the 2-core CI machine (each test file stays on one worker).
+TEST_WORKERS ?= 2
 
-.PHONY: demo test lint venv dev-venv clean
+.PHONY: demo demo-ras test lint venv dev-venv clean
 
 $(VENV)/.installed: requirements.txt $(CONSTRAINTS) pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -30,8 +32,11 @@ dev-venv: $(VENV)/.dev-installed
 demo: $(VENV)/.installed
 	$(VENV)/bin/python -m refjax demo --workdir $(or $(WORKDIR),runs/demo)
 
+demo-ras: $(VENV)/.installed
+	$(VENV)/bin/python -m refjax demo-ras --workdir $(or $(WORKDIR),runs/demo_ras)
+
 test: $(VENV)/.dev-installed
-	REFJAX_REQUIRE_TORCH=$(WITH_TORCH) $(VENV)/bin/python -m pytest -q tests $(PYTEST_ARGS)
+	REFJAX_REQUIRE_TORCH=$(WITH_TORCH) $(VENV)/bin/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile tests $(PYTEST_ARGS)
 
 lint: $(VENV)/.dev-installed
 	$(VENV)/bin/ruff check .

@@ -1,5 +1,5 @@
-"""Command line: ``python -m refjax {build-data, convert, export, bench, demo, train, eval, predict,
-train-tokenizer}``."""
+"""Command line: ``python -m refjax {build-data, convert, export, bench, demo, demo-ras, train,
+eval, predict, ras-features, train-tokenizer}``."""
 
 from __future__ import annotations
 
@@ -93,6 +93,14 @@ def _demo(args: argparse.Namespace) -> int:
     from refjax import demo
 
     demo.run(args.workdir, args.data_config, args.set, budget_min=args.budget_min)
+    return 0
+
+
+def _demo_ras(args: argparse.Namespace) -> int:
+    """The shipped tiny RAS selects mask groups for RefShapes val expressions."""
+    from refjax import demo_ras
+
+    demo_ras.run(args.workdir, args.data_config, args.n)
     return 0
 
 
@@ -254,6 +262,13 @@ def main(argv: list[str] | None = None) -> int:
     d.add_argument("--set", action="append", default=[],
                    help="config override key=value (repeatable), e.g. train.total_steps=200")
     d.set_defaults(fn=_demo)
+
+    dr = sub.add_parser("demo-ras", help="the shipped tiny RAS selects mask groups for a few "
+                                         "RefShapes val expressions")
+    dr.add_argument("--workdir", default="runs/demo_ras")
+    dr.add_argument("--data-config", default="default", help="RefShapes config: default | tiny")
+    dr.add_argument("--n", type=int, default=8, help="how many val expressions")
+    dr.set_defaults(fn=_demo_ras)
 
     pr = sub.add_parser("predict", help="box and mask (OneRef) or a mask group (RAS) for an "
                                         "image and a referring expression")

@@ -5,7 +5,7 @@ and hundreds of thousands of page faults per training step. A caching allocator 
 memory; ``benchmarks/allocator.py`` measures the gain (BENCHMARKS.md). ``python -m refjax``
 re-executes itself once with ``LD_PRELOAD`` set to, in order: ``$REFJAX_ALLOCATOR`` (a path),
 the system's tcmalloc (Debian ``libtcmalloc-minimal4``) when installed, else mimalloc from the
-``cmeel-mimalloc`` wheel in requirements.txt (with page purging off, which is what saves the
+``cmeel-mimalloc`` wheel when installed (with page purging off, which is what saves the
 page faults). ``REFJAX_ALLOCATOR=system`` opts out. A library call (``import refjax``) never
 changes the allocator: that is the interpreter's business.
 """

@@ -14,7 +14,7 @@ def test_ar_overfits_a_batch(refshapes_tiny_dir):  # noqa: F811
                        seg_max=5)
     with c.unlocked():
         c.optim.update(lr=1e-2, grad_clip_norm=0.0)
-    losses, s, state, batch, m = overfit(c, steps=120)
+    losses, s, state, batch, m, _ = overfit(c, steps=120)
     print(f"AR overfit: loss {losses[0]:.4f} -> {losses[-1]:.4f} "
           f"(x{losses[0] / losses[-1]:.1f}); match {float(m['ar_match']):.4f}, "
           f"stop {float(m['ar_stop']):.4f}")
