@@ -43,21 +43,10 @@ def sample_examples(data_dir: str, data_config: str, n: int) -> list[tf.Example]
     return out
 
 
-def _grid(images: list[Any], cols: int = 4) -> Any:
-    from PIL import Image
-
-    w = max(im.width for im in images)
-    h = max(im.height for im in images)
-    rows = (len(images) + cols - 1) // cols
-    grid = Image.new("RGB", (cols * w, rows * h), "white")
-    for i, im in enumerate(images):
-        grid.paste(im, ((i % cols) * w, (i // cols) * h))
-    return grid
-
-
 def run(workdir: str, data_config: str = "default", n: int = 8) -> list[dict[str, Any]]:
     """The demo (module docstring). Returns one row per example (text, kind, selected, IoU)."""
     from refjax.data.build import ensure_refshapes
+    from refjax.evaluate.report import tile_grid
     from refjax.predict import Predictor
 
     shipped = repo_path(SHIPPED)
@@ -87,7 +76,8 @@ def run(workdir: str, data_config: str = "default", n: int = 8) -> list[dict[str
               f"{len(pred['indices'])} of {len(ex['pool_masks'])}, IoU {iou:.2f}: {ex['raw']}",
               flush=True)
     os.makedirs(workdir, exist_ok=True)
-    _grid(drawn).save(os.path.join(workdir, "ras_groups.png"))
+    if drawn:
+        tile_grid(drawn).save(os.path.join(workdir, "ras_groups.png"))
     mean = float(np.mean([r["iou"] for r in rows])) if rows else 0.0
     print(f"[demo-ras] mean IoU over {len(rows)} examples {mean:.2f}; wrote "
           f"{workdir}/ras_groups.png (selected masks coloured, reference masks outlined)")

@@ -96,11 +96,18 @@ def prediction_grid(
             gt_mask=_up(g.get("mask"), size),
         )
         tiles.append(draw.caption(tile, t, below=True))
+    return tile_grid(tiles, cols)
+
+
+def tile_grid(tiles: Sequence[Image.Image], cols: int = 4, pad: int = 4) -> Image.Image:
+    """``tiles`` pasted row by row, ``cols`` a row, into cells of the largest tile's size with
+    ``pad`` white pixels around each."""
+    if not tiles:
+        raise ValueError("no tiles to arrange")
     cw = max(x.width for x in tiles)
     ch = max(x.height for x in tiles)
-    cols = min(cols, n)
-    rows = -(-n // cols)
-    pad = 4
+    cols = min(cols, len(tiles))
+    rows = -(-len(tiles) // cols)
     grid = Image.new("RGB", (cols * (cw + pad) + pad, rows * (ch + pad) + pad), (255, 255, 255))
     for i, tile in enumerate(tiles):
         r, c = divmod(i, cols)
