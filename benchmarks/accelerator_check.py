@@ -45,6 +45,28 @@ def _median_time(fn, warmup: int, iters: int) -> float:
     return statistics.median(times)
 
 
+def encoder_flops(dim: int, mlp_dim: int, depth: int, img: int, patch: int, text: int) -> float:
+    """Analytic matmul FLOPs of one example's BEiT-3 joint-encoder forward + backward (3x the
+    forward): per layer the four attention projections, the FFN, QK^T and AV; plus the patch
+    embedding's forward and its weight gradient."""
+    n_img = (img // patch) ** 2
+    tokens = n_img + 1 + text
+    per_layer = 2 * tokens * (4 * dim * dim + 2 * dim * mlp_dim) + 2 * 2 * tokens * tokens * dim
+    return 3 * depth * per_layer + 2 * 2 * n_img * patch**2 * 3 * dim
+
+
+def demo_flops() -> float:
+    """``encoder_flops`` of the demo's model (``refjax.demo.MODEL`` on the tiny config)."""
+    from refjax.demo import MODEL
+    from refjax.train.config import apply_overrides, load_config
+
+    c = load_config(os.path.join(HERE, "configs/oneref/rec_res.py:tiny,task=res"))
+    apply_overrides(c, list(MODEL))
+    return encoder_flops(int(c.model.dim), int(c.model.mlp_dim), int(c.model.depth),
+                         int(c.data.image_size), int(c.model.patch_size),
+                         int(c.data.max_text_len))
+
+
 def beit3_mfu(smoke: bool, attention: str | None) -> dict:
     """Forward+backward of a BEiT-3 joint encoder in bf16; ``attention`` None = the default."""
     import jax
@@ -73,11 +95,7 @@ def beit3_mfu(smoke: bool, attention: str | None) -> dict:
         return jax.grad(loss)(p)
 
     secs = _median_time(lambda: step(params), 1 if smoke else 2, 1 if smoke else 10)
-    d, f = cfg.dim, cfg.mlp_dim
-    n_img = (img // cfg.patch_size) ** 2
-    tokens = n_img + 1 + text
-    per_layer = 2 * tokens * (4 * d * d + 2 * d * f) + 2 * 2 * tokens * tokens * d
-    flops = batch * (3 * depth * per_layer + 2 * 2 * n_img * cfg.patch_size**2 * 3 * d)
+    flops = batch * encoder_flops(cfg.dim, cfg.mlp_dim, depth, img, cfg.patch_size, text)
     kind = jax.devices()[0].device_kind
     peak = next((v for k, v in PEAK_BF16.items() if k in kind), None)
     return {"case": f"beit3 {'tiny' if smoke else 'base'} bf16 fwd+bwd "
@@ -140,7 +158,12 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--smoke", action="store_true", help="tiny sizes on CPU")
     p.add_argument("--json", default=None, help="also write the rows here")
+    p.add_argument("--demo_flops", action="store_true",
+                   help="only print the demo model's analytic FLOPs per example and exit")
     a = p.parse_args(argv)
+    if a.demo_flops:
+        print(f"demo model: {demo_flops() / 1e9:.3f} GFLOP per example (fwd+bwd, encoder)")
+        return 0
     import jax
 
     t0 = time.time()

@@ -57,6 +57,7 @@ def optim_section(**values: Any) -> dict[str, Any]:
     base = dict(
         lr=1e-4, schedule="warmup_cosine", warmup_steps=0, min_lr_ratio=0.0, weight_decay=1e-4,
         b1=0.9, b2=0.999, eps=1e-8, wd_mask=None, frozen="", grad_clip_norm=0.0, accum_steps=1,
+        lr_scale=(),
     )
     unknown = set(values) - set(base)
     if unknown:

@@ -27,3 +27,14 @@ def test_accelerator_check_smoke(tmp_path, monkeypatch):
     assert [r["case"].split()[0] for r in rows] == ["beit3", "beit3", "oneref"]
     assert all(r["step_s"] > 0 for r in rows)
     assert rows[-1]["examples_per_s"] > 0
+
+
+def test_demo_flops_grow_with_the_model():
+    ns = runpy.run_path(os.path.join(ROOT, "benchmarks", "accelerator_check.py"))
+    flops = ns["encoder_flops"]
+    base = flops(128, 512, 3, 128, 16, 24)
+    # linear in depth (plus the patch embedding), quadratic in the token count's attention part
+    assert flops(128, 512, 6, 128, 16, 24) - base == pytest.approx(base - flops(128, 512, 0, 128,
+                                                                                16, 24))
+    assert flops(128, 512, 3, 256, 16, 24) > 4 * base * 0.9
+    assert ns["demo_flops"]() == pytest.approx(base)  # the demo model is dim 128, depth 3, 128 px

@@ -203,7 +203,8 @@ def test_random_cases_against_direct_numpy():
         rows.update(kind=kinds[sl], has_ref=has_ref[sl], valid=valid[sl])
         acc.update(rows)
     r = acc.result()
-    groups = {"": np.ones(b, bool), "with_ref/": has_ref, "without_ref/": ~has_ref}
+    groups = {"": np.ones(b, bool), "with_ref/": has_ref, "without_ref/": ~has_ref,
+              "targeted/": targeted}
     groups.update({f"{KINDS[k]}/": kinds == k for k in range(4)})
     for prefix, g in groups.items():
         sel_g = g & valid
@@ -211,6 +212,9 @@ def test_random_cases_against_direct_numpy():
         for key, value in want.items():
             assert r[prefix + key] == pytest.approx(value, rel=1e-12, abs=0), prefix + key
     assert r["no_target_count"] == (~targeted & valid).sum() > 0
+    # the targeted group has no no-target samples, so it carries the RES names
+    assert r["targeted/miou"] == r["targeted/giou"] and "n_acc" not in {
+        k.split("/", 1)[1] for k in r if k.startswith("targeted/")}
 
 
 def _scene(seed: int, s: int = 16):

@@ -9,15 +9,16 @@ variants ``tiny`` (RefShapes on a CPU) and ``13b`` (RAS-13B, spec 6-7). Keys, al
     dataset=NAME             override the dataset (default: RefShapes for tiny; see below)
     task=ores|res|gres       stage 3: which fine-tuning (and which expressions)      [ores]
     llm=frozen|trained       stage 1: the LLM frozen (13b) or trained (tiny)
+    lora=off|on              stages 2-3: LoRA on the LLM instead of full fine-tuning  [off]
 
 Stages (``model.objective``, trainable parts, data):
 
 1. ``caption``: mask-projector pretraining; the candidates only (no global visual tokens),
    the ``plain`` template, next-token loss on the scene caption. Trainable: the mask projector
    and the two prefixes (13b: ``model.freeze`` = LLM and head); tiny trains its LLM too,
-   because it starts from scratch (a frozen random LLM has nothing to align to). 13b data: a
-   caption dataset with candidate pools (spec: LCS-558K + SAM pools; no refjax builder yet,
-   ``data.dataset="lcs558k_sam"`` names the one to write).
+   because it starts from scratch (a frozen random LLM has nothing to align to). 13b data:
+   LCS-558K captions with SAM candidate pools (``python -m refjax build-data lcs558k_sam
+   --manual-dir RAW``; ``refjax.data.builders.lcs558k_sam`` gives the layout).
 2. ``select``: mask-group instruction tuning; LLM + projectors + head trained, towers frozen;
    weighted BCE (NAR) or the AR loss. 13b data: MaskGroups-2M has no builder (public status
    unknown); MaskGroups-HQ stands in (``dataset=`` to change).
@@ -29,8 +30,13 @@ Initialisation (``init``): 13b stage 1 from ``python -m refjax convert ras --llm
 ``ras_13b``); stage 2 from the stage-1 workdir with ``model.fill_from`` = the converted
 checkpoint (supplies the image projector stage 1 did not have); stage 3 from the stage-2
 workdir. tiny: every part from scratch (random towers, frozen; a random LLaMA), stage n+1 from
-stage n's workdir (``--set init=runs/ras_s1``). Full fine-tuning only: LoRA (spec 6, optional)
-is not implemented.
+stage n's workdir (``--set init=runs/ras_s1``).
+
+LoRA (``lora=on``, stages 2-3; spec 6's compute-saving variant): adapters on every LLaMA
+projection (13b: r 128, alpha 256, lr 2e-4 with the projectors at 2e-5; tiny: r 8, alpha 16),
+the decoder layers' own weights frozen with no optimizer slots (``optim.frozen``); an init
+without adapters (stage 1, a converted checkpoint) gets fresh ones (B = 0: a no-op), and
+``export-hf`` / ``refjax.convert.llama.to_hf`` merge them into the kernels.
 
 Frozen-encoder features: ``python -m refjax ras-features --config <this config> --out DIR``
 once, then train with ``--set data.features_dir=DIR`` (``refjax.data.ras_features``).
@@ -53,9 +59,15 @@ TOWERS = ("clip", "siglip", "dinov2", "convnext")
 ENCODER_SETS = {"clip": (("clip",), False), "all": (TOWERS, False), "all+pe": (TOWERS, True)}
 ARG_KEYS = {"decoding": ("nar", "ar"), "encoders": tuple(ENCODER_SETS),
             "data": ("default", "tiny"), "dataset": None, "task": ("ores", "res", "gres"),
-            "llm": ("frozen", "trained")}
+            "llm": ("frozen", "trained"), "lora": ("off", "on")}
 ARG_DEFAULTS = {"decoding": "nar", "encoders": "all+pe", "data": "default", "dataset": "",
-                "task": "ores", "llm": ""}
+                "task": "ores", "llm": "", "lora": "off"}
+# LoRA (spec 6: r 128, alpha 256, lr 2e-4, projectors 2e-5); tiny: r 8, alpha 16, lr unchanged.
+LORA = {"13b": dict(lora_rank=128, lora_alpha=256.0), "tiny": dict(lora_rank=8, lora_alpha=16.0)}
+# With LoRA the decoder layers' own weights are frozen (no optimizer slots); the adapters, the
+# embeddings / LM head (AR's [SEG] row), the final norm, projectors and head train.
+LORA_FROZEN = r"llm/layers(?!.*/lora_[ab]$)"
+LORA_LR_SCALE = ("mask_projector/=0.1", "image_projector/=0.1")
 EVAL_SPLITS = {
     "refshapes": ("val", "testA", "testB"),
     "refcoco": ("val", "testA", "testB"),
@@ -91,6 +103,9 @@ def make_config(stage: int, arg: str | None) -> ml_collections.ConfigDict:
     llm_mode = a["llm"] or ("trained" if tiny else "frozen")
     if caption and a["decoding"] == "ar":
         raise ValueError("stage 1 (captioning) has no decoding choice; drop decoding=ar")
+    lora = a["lora"] == "on"
+    if lora and caption:
+        raise ValueError("lora=on is for stages 2-3 (stage 1 trains the mask projector only)")
 
     c = ml_collections.ConfigDict()
     c.arg = arg or ""
@@ -104,7 +119,8 @@ def make_config(stage: int, arg: str | None) -> ml_collections.ConfigDict:
         pe2d_grid=16 if tiny else None,  # None: the preset's (64)
         image_tokens=not caption,  # global visual tokens: absent in stage 1 (spec 7)
         image_sizes=dict(TINY_SIZES) if tiny else {},  # tower input sides (else the preset's)
-        llm=dict(TINY_LLM) if tiny else {},  # LlamaConfig overrides
+        llm={**(TINY_LLM if tiny else {}), **(LORA[a["variant"]] if lora else {})},
+        # ^ LlamaConfig overrides (lora=on: LoRA adapters, spec 6)
         vocab_size=None if tiny else 32000,  # text vocabulary; tiny: the dataset tokenizer's
         eos_token_id=2,
         dtype="float32" if tiny else "bfloat16",
@@ -161,6 +177,10 @@ def make_config(stage: int, arg: str | None) -> ml_collections.ConfigDict:
         lr = {1: 1e-3, 2: 2e-5, 3: 2e-5}[stage]
         warm = {1: 65, 2: 470, 3: 90}[stage]
         optim = dict(lr=lr, schedule="warmup_cosine", warmup_steps=warm, weight_decay=0.0)
+        if lora:
+            optim.update(lr=2e-4, lr_scale=LORA_LR_SCALE)
+    if lora:
+        optim["frozen"] = LORA_FROZEN
     c.optim = optim_section(**optim)
 
     c.loss = dict(
@@ -196,4 +216,5 @@ def compile_args(stage: int) -> tuple[str, ...]:
     if stage == 1:
         return ("tiny", "13b")
     extra = ",task=gres" if stage == 3 else ""
-    return tuple(f"{v},decoding={d}{extra}" for v in VARIANTS for d in ("nar", "ar"))
+    lora = ("13b,decoding=nar,lora=on",) if stage == 2 else ()  # the frozen-decoder step
+    return tuple(f"{v},decoding={d}{extra}" for v in VARIANTS for d in ("nar", "ar")) + lora

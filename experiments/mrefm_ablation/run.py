@@ -52,7 +52,8 @@ def _run(args: list[str], log: str, core: int | None) -> float:
     cmd = [sys.executable, "-m", "refjax", *args]
     if core is not None:
         cmd = ["taskset", "-c", str(core), *cmd]
-    env = {**os.environ, "PYTHONPATH": ROOT}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+        p for p in (ROOT, os.environ.get("PYTHONPATH")) if p)}
     env.pop("XLA_FLAGS", None)
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     with open(log, "w") as f:
@@ -73,7 +74,7 @@ def run_arm(arm: str, a: argparse.Namespace) -> dict:
     out = os.path.join(a.out, arm)
     os.makedirs(out, exist_ok=True)
     common = [f"data.data_dir={a.data_dir}", f"train.seed={a.seed}", "train.progress=False",
-              "data.num_workers=0"]
+              "data.num_workers=0", *a.set]
     cpu, t0 = {}, time.time()
     init = []
     transfer_steps = a.transfer_steps
@@ -123,6 +124,8 @@ def main() -> None:
     p.add_argument("--eval_every", type=int, default=600)
     p.add_argument("--eval_batches", type=int, default=10)
     p.add_argument("--seed", type=int, default=13)
+    p.add_argument("--set", action="append", default=[],
+                   help="extra KEY=VALUE override for every run (e.g. data.num_workers=2)")
     a = p.parse_args()
     for arm in a.arms.split(","):
         r = run_arm(arm, a)

@@ -1,10 +1,14 @@
 """Tables of a RAS RefShapes run (``run.py``'s ``OUT/<arm>/result.json``).
 
-    python experiments/ras_refshapes/report.py OUT [--split val]
+    python experiments/ras_refshapes/report.py OUT [--split val] [--png OUT/results.png]
+        [--oneref checkpoints/refshapes_oneref_tiny/metrics.json]
 
-Prints two Markdown tables: per arm the overall ORES metrics (gIoU, cIoU, N-acc, T-acc,
-Pr@0.7/0.8/0.9, the pool's oracle cIoU, mean selected masks, CPU minutes), then per arm the
-cIoU (gIoU for no-target) of every expression kind and of the with/without-reference splits.
+Prints Markdown tables: per arm the overall ORES metrics (gIoU, cIoU, N-acc, T-acc,
+Pr@0.7/0.8/0.9, the pool's oracle cIoU, mean selected masks, CPU minutes); per arm the cIoU
+(gIoU for no-target) of every expression kind and of the with/without-reference splits; and,
+for arms fine-tuned on RES / GRES too (``run.py --tasks``), those results beside OneRef's on the
+same expressions (GRES's ``targeted`` group: no reference mask, at least one target = OneRef's
+REC/RES split). Draws the overall gIoU / cIoU / N-acc per arm as a bar chart (PIL only).
 """
 
 from __future__ import annotations
@@ -12,6 +16,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
+
+from PIL import Image, ImageDraw
 
 ORDER = ("nar", "ar", "clip", "all")
 OVERALL = ("giou", "ciou", "n_acc", "t_acc", "pr@0.7", "pr@0.8", "pr@0.9", "oracle_ciou")
@@ -52,15 +58,83 @@ def tables(results: dict[str, dict], split: str = "val") -> str:
     return "\n".join(lines)
 
 
+def task_table(results: dict[str, dict], split: str = "val",
+               oneref: dict | None = None) -> str:
+    """RES (single-target) and GRES (no reference masks) fine-tuning of the arms that ran them,
+    with OneRef's REC/RES metrics on its split (= GRES ``targeted``) when given."""
+    lines = ["| model | fine-tuned on | expressions | mIoU | oIoU | gIoU | cIoU | N-acc |",
+             "|---|---|---|---|---|---|---|---|"]
+    for arm, r in results.items():
+        for task, splits in (r.get("tasks") or {}).items():
+            m = splits[split]
+            if task == "res":
+                lines.append(f"| RAS {arm} | RES | single-target ({m['count']:.0f}) | "
+                             f"{_pct(m, 'miou')} | {_pct(m, 'oiou')} | - | - | - |")
+            else:
+                lines.append(f"| RAS {arm} | GRES | no reference ({m['count']:.0f}) | - | - | "
+                             f"{_pct(m, 'giou')} | {_pct(m, 'ciou')} | {_pct(m, 'n_acc')} |")
+                lines.append(f"| RAS {arm} | GRES | with a target, no reference "
+                             f"({m.get('targeted/count', 0):.0f}) | {_pct(m, 'targeted/miou')} | "
+                             f"{_pct(m, 'targeted/oiou')} | - | - | - |")
+    if oneref is not None:
+        m = oneref["splits"][split]
+        lines.append(f"| OneRef (shipped demo checkpoint) | REC+RES | with a target, no "
+                     f"reference ({m['count']:.0f}) | {_pct(m, 'miou')} | {_pct(m, 'oiou')} | "
+                     "- | - | - |")
+    return "\n".join(lines)
+
+
+BAR_KEYS = (("giou", "gIoU"), ("ciou", "cIoU"), ("n_acc", "N-acc"))
+BAR_COLOURS = ("#1f77b4", "#ff7f0e", "#2ca02c")
+
+
+def bars_png(results: dict[str, dict], path: str, split: str = "val") -> None:
+    """Overall gIoU / cIoU / N-acc of every arm, as grouped bars with their values."""
+    w, h, pad = 120 + 150 * len(results), 360, 50
+    img = Image.new("RGB", (w, h), "white")
+    d = ImageDraw.Draw(img)
+
+    def y_of(v: float) -> float:
+        return h - pad - (h - 2 * pad) * v
+
+    d.line([(pad, y_of(0)), (w - 10, y_of(0))], fill="black")
+    for i in range(6):
+        y = y_of(i / 5)
+        d.line([(pad - 4, y), (pad, y)], fill="black")
+        d.text((5, y - 6), f"{20 * i}%", fill="black")
+    d.text((pad, 10), f"RAS tiny on RefShapes ORES ({split})", fill="black")
+    for j, (_, name) in enumerate(BAR_KEYS):
+        d.rectangle([w - 90, 10 + 14 * j, w - 80, 20 + 14 * j], fill=BAR_COLOURS[j])
+        d.text((w - 75, 8 + 14 * j), name, fill="black")
+    for i, (arm, r) in enumerate(results.items()):
+        m = r["splits"][split]
+        m = m.get("overall", m)
+        x0 = pad + 20 + 150 * i
+        for j, (key, _) in enumerate(BAR_KEYS):
+            v = float(m.get(key, 0.0))
+            x = x0 + 34 * j
+            d.rectangle([x, y_of(v), x + 28, y_of(0)], fill=BAR_COLOURS[j])
+            d.text((x, y_of(v) - 12), f"{100 * v:.0f}", fill="black")
+        d.text((x0, h - pad + 8), arm, fill="black")
+    img.save(path)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("out")
     p.add_argument("--split", default="val")
+    p.add_argument("--png", default=None, help="default OUT/results.png")
+    p.add_argument("--oneref", default=None, help="a OneRef metrics.json (eval on the split)")
     a = p.parse_args()
     results = load(a.out)
     if not results:
         raise SystemExit(f"no OUT/<arm>/result.json under {a.out}")
     print(tables(results, a.split))
+    oneref = json.load(open(a.oneref)) if a.oneref else None
+    if any(r.get("tasks") for r in results.values()) or oneref:
+        print()
+        print(task_table(results, a.split, oneref))
+    bars_png(results, a.png or os.path.join(a.out, "results.png"), a.split)
 
 
 if __name__ == "__main__":

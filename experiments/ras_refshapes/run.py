@@ -44,7 +44,8 @@ def _cmd(args: list[str], core: int | None) -> list[str]:
 
 def _run(args: list[str], log: str, core: int | None) -> float:
     """Run a CLI command (optionally pinned to one core); returns its CPU seconds."""
-    env = {**os.environ, "PYTHONPATH": ROOT}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+        p for p in (ROOT, os.environ.get("PYTHONPATH")) if p)}
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     with open(log, "w") as f:
         subprocess.run(_cmd(args, core), cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT,
@@ -67,7 +68,7 @@ def _train(stage: int, arg: str, workdir: str, steps: int, init: str | None,
     sets = [f"data.data_dir={a.data_dir}", f"train.seed={a.seed}", "train.progress=False",
             f"train.total_steps={steps}", f"train.ckpt_every={steps}",
             f"train.eval_every={max(steps // 2, 1) if stage == 3 else 0}",
-            f"train.eval_max_batches={a.eval_batches}", "optim.warmup_steps=50"]
+            f"train.eval_max_batches={a.eval_batches}", "optim.warmup_steps=50", *a.set]
     if stage == 3:
         sets.append(f"eval.splits={a.splits}")
     if init:
@@ -92,11 +93,20 @@ def run_arm(arm: str, a: argparse.Namespace) -> dict:
     cpu["stage3"] = _train(3, arg + ",task=ores", w3, s3, os.path.join(out, "stage2"), a)
     with open(os.path.join(w3, "metrics.json")) as f:
         final = json.load(f)
+    tasks = {}
+    for task in a.tasks.split(","):  # stage 3 for other tasks (RES, GRES) from the same stage 2
+        if task == "ores":
+            continue
+        wt = os.path.join(out, f"stage3_{task}")
+        cpu[f"stage3_{task}"] = _train(3, f"{arg},task={task}", wt, s3,
+                                       os.path.join(out, "stage2"), a)
+        with open(os.path.join(wt, "metrics.json")) as f:
+            tasks[task] = json.load(f)["splits"]
     from refjax.train.trainer import read_curve
 
     result = {"arm": arm, "config": arg, "seed": a.seed, "stage_steps": a.stage_steps,
               "cpu_s": cpu, "cpu_total_s": sum(cpu.values()), "wall_s": time.time() - t0,
-              "splits": final["splits"], "curve": read_curve(w3, "val")}
+              "splits": final["splits"], "curve": read_curve(w3, "val"), "tasks": tasks}
     with open(os.path.join(out, "result.json"), "w") as f:
         json.dump(result, f, indent=2, sort_keys=True)
     return result
@@ -113,6 +123,10 @@ def main() -> None:
     p.add_argument("--eval_batches", type=int, default=0, help="stage-3 mid-run val batches")
     p.add_argument("--splits", default="val,testA,testB", help="stage-3 final evaluation")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--tasks", default="ores",
+                   help="stage-3 tasks, each from the same stage 2 (ores first; res, gres)")
+    p.add_argument("--set", action="append", default=[],
+                   help="extra KEY=VALUE override for every run (e.g. data.num_workers=2)")
     a = p.parse_args()
     for arm in a.arms.split(","):
         r = run_arm(arm, a)

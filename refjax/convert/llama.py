@@ -32,7 +32,7 @@ from refjax.convert.common import (
     load_params,
     save_params,
 )
-from refjax.models.llama import LlamaConfig, param_template
+from refjax.models.llama import LlamaConfig, has_lora, merge_lora, param_template
 
 TORCH_BIN_INDEX = "pytorch_model.bin.index.json"
 
@@ -247,8 +247,12 @@ def from_hf(
 
 def to_hf(params: Mapping, cfg: LlamaConfig) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
     """refjax params -> ``(config.json dict, HF state_dict of numpy arrays)``; no
-    ``lm_head.weight`` when the embeddings are tied (as ``save_pretrained`` writes it)."""
-    sd = flax_to_torch(nn.unbox(params), llama_rules(cfg), scanned=cfg.scan)
+    ``lm_head.weight`` when the embeddings are tied (as ``save_pretrained`` writes it). LoRA
+    adapters are merged into their kernels first (HF LLaMA has none)."""
+    params = nn.unbox(params)
+    if has_lora(params):
+        params = merge_lora(params, cfg.lora_scale)
+    sd = flax_to_torch(params, llama_rules(cfg), scanned=cfg.scan)
     return cfg.to_hf(), sd
 
 

@@ -23,6 +23,7 @@ BUILDER_MODULES = {
     "refcocog": "refjax.data.builders.refcoco",
     "grefcoco": "refjax.data.builders.grefcoco",
     "maskgroups_hq": "refjax.data.builders.maskgroups_hq",
+    "lcs558k_sam": "refjax.data.builders.lcs558k_sam",
 }
 
 

@@ -295,3 +295,27 @@ def tokenizer_file(data_cfg: Any, filename: str) -> str:
         return str(os.path.expanduser(data_cfg.tokenizer_path))
     ds = dataset_dir(data_cfg.dataset, data_cfg.data_dir, data_cfg.dataset_config)
     return os.path.join(ds, filename)
+
+
+def check_dataset_tokenizer(config: Any, filename: str, size_of: Any, vocab: int) -> None:
+    """A model whose vocabulary was read from the dataset's tokenizer (``vocab``) against the
+    tokenizer this dataset holds now: they differ when the dataset was rebuilt elsewhere
+    (RefShapes' tokenizers are trained at build time, and another sentencepiece version trains
+    another vocabulary), and then every text id is wrong. Skipped with ``data.tokenizer_path``
+    (an explicit tokenizer) or when the dataset is not there."""
+    if config.data.tokenizer_path:
+        return
+    try:
+        path = tokenizer_file(config.data, filename)
+    except FileNotFoundError:  # no dataset here (e.g. restoring for another data dir later)
+        return
+    if not os.path.exists(path):
+        return
+    n = int(size_of(path))
+    if n != int(vocab):
+        raise ValueError(
+            f"model.vocab_size is {vocab} but the dataset's tokenizer {path} has {n} pieces: "
+            "the checkpoint was trained with another tokenizer (RefShapes builds its tokenizers "
+            "at build time, and they depend on the sentencepiece version). Point "
+            "data.tokenizer_path at the training tokenizer, or rebuild the data where the "
+            "model was trained")

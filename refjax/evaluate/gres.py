@@ -61,6 +61,9 @@ Array = Any
 
 PR_THRESHOLDS = (0.7, 0.8, 0.9)
 WITH_REF, WITHOUT_REF = "with_ref", "without_ref"
+# Samples with at least one target: OneRef's REC/RES split of the same data (its examples have
+# a target), so ``targeted/miou`` / ``targeted/oiou`` compare the two systems on one split.
+TARGETED = "targeted"
 OVERALL = ""
 # The 8 standard RES splits whose mean cIoU is the "RES" headline (spec 9).
 RES_SPLITS = (
@@ -297,7 +300,7 @@ class GresAccumulator:
             raise ValueError("geometry needs the canvas size")
         self.kinds = tuple(kinds)
         self.geometry, self.size = geometry, size
-        self.groups = (OVERALL, *self.kinds, WITH_REF, WITHOUT_REF)
+        self.groups = (OVERALL, *self.kinds, WITH_REF, WITHOUT_REF, TARGETED)
         self.sums = np.zeros((len(self.groups), len(FIELDS)), np.float64)
 
     # -- per-sample terms from rows ------------------------------------------------------
@@ -416,7 +419,9 @@ class GresAccumulator:
         f = self._fields(t)
         n = f.shape[0]
         valid = np.asarray(rows["valid"]).reshape(n) > 0 if "valid" in rows else np.ones(n, bool)
-        for g, sel in self._group_masks(rows, n).items():
+        groups = self._group_masks(rows, n)
+        groups[self.groups.index(TARGETED)] = f[:, _F["targeted"]] > 0
+        for g, sel in groups.items():
             self.sums[g] += f[sel & valid].sum(axis=0)
 
     def merge(self, other: GresAccumulator) -> GresAccumulator:
@@ -465,7 +470,8 @@ class GresAccumulator:
 
     def result(self) -> dict[str, float]:
         """Overall metrics (module docstring) and ``<group>/<metric>`` for every non-empty
-        group (expression kinds, ``with_ref``, ``without_ref``); undefined metrics are absent."""
+        group (expression kinds, ``with_ref``, ``without_ref``, ``targeted``: the samples with
+        a target); undefined metrics are absent."""
         out = self._result(self.sums[0])
         for g, name in enumerate(self.groups[1:], start=1):
             if self.sums[g, _F["count"]] > 0:

@@ -65,6 +65,8 @@ Array = jax.Array
 Dtype = Any
 
 ROPE_TYPES = ("default", "linear", "dynamic", "llama3")
+# The projections LoRA can adapt (``LlamaConfig.lora_targets``; all of them by default).
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 ATTENTION_IMPLS = (None, "xla", "cudnn", "einsum")
 INIT_STD = 0.02  # HF initializer_range
 
@@ -100,6 +102,12 @@ class LlamaConfig:
     scan: bool = True
     remat_policy: str = "none"
     attention_impl: str | None = None  # None: einsum on CPU, jax.nn.dot_product_attention else
+    # LoRA (Hu et al. 2021): rank 0 = off; each target projection adds (alpha / rank) * x A B
+    # with A (in, rank) ~ U(+-1/sqrt(fan_in)) and B (rank, out) = 0, so a fresh adapter is a
+    # no-op. ``merge_lora`` folds the adapters into the kernels (HF export, plain inference).
+    lora_rank: int = 0
+    lora_alpha: float = 0.0  # 0: = lora_rank (scale 1)
+    lora_targets: tuple[str, ...] = LORA_TARGETS
 
     def __post_init__(self):
         if self.num_key_value_heads is None:
@@ -117,9 +125,26 @@ class LlamaConfig:
         if self.rope_type not in ROPE_TYPES:
             raise ValueError(f"unsupported rope_type {self.rope_type!r}; one of {ROPE_TYPES}")
         check_remat_policy(self.remat_policy)
+        if self.lora_rank < 0:
+            raise ValueError(f"lora_rank must be >= 0, got {self.lora_rank}")
+        object.__setattr__(self, "lora_targets", tuple(self.lora_targets))
+        bad = sorted(set(self.lora_targets) - set(LORA_TARGETS))
+        if bad:
+            raise ValueError(f"unknown lora_targets {bad}; known {list(LORA_TARGETS)}")
         if self.attention_impl not in ATTENTION_IMPLS:
             raise ValueError(f"unknown attention_impl {self.attention_impl!r}; "
                              f"one of {ATTENTION_IMPLS}")
+
+    @property
+    def lora_scale(self) -> float:
+        """``lora_alpha / lora_rank`` (0 when LoRA is off)."""
+        if not self.lora_rank:
+            return 0.0
+        return (self.lora_alpha or self.lora_rank) / self.lora_rank
+
+    def lora_for(self, name: str) -> int:
+        """The LoRA rank of projection ``name`` (0: none)."""
+        return self.lora_rank if name in self.lora_targets else 0
 
     @property
     def compute_dtype(self) -> Any:
@@ -342,6 +367,8 @@ class Proj(nn.Module):
     use_bias: bool = False
     dtype: Dtype = jnp.float32
     out_dtype: Dtype | None = None
+    lora_rank: int = 0  # > 0: a LoRA adapter (``lora_a``, ``lora_b``) beside the kernel
+    lora_scale: float = 1.0
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
@@ -367,6 +394,29 @@ class Proj(nn.Module):
                 tuple(self.features), jnp.float32,
             )
             y = y + bias
+        if self.lora_rank:
+            r = self.lora_rank
+            bound = float(np.prod(in_shape)) ** -0.5
+            a_init = lambda key, shape, dtype: jax.random.uniform(  # noqa: E731
+                key, shape, dtype, -bound, bound)
+            # The rank axis is named "embed" where the tensor has no "embed" axis of its own,
+            # so that every adapter is sharded (fsdp) like the kernel beside it.
+            a_axes, b_axes = self.axes[: self.in_dims], self.axes[self.in_dims:]
+            lora_a = self.param("lora_a", nn.with_logical_partitioning(
+                a_init, a_axes + (None if "embed" in a_axes else "embed",)),
+                in_shape + (r,), jnp.float32)
+            lora_b = self.param("lora_b", nn.with_logical_partitioning(
+                nn.initializers.zeros_init(), (None if "embed" in b_axes else "embed",) + b_axes),
+                (r,) + tuple(self.features), jnp.float32)
+            h = jax.lax.dot_general(
+                x.astype(self.dtype), lora_a.astype(self.dtype),
+                ((contract, tuple(range(self.in_dims))), ((), ())),
+                preferred_element_type=jnp.float32,
+            )
+            y = y + self.lora_scale * jax.lax.dot_general(
+                h.astype(self.dtype), lora_b.astype(self.dtype),
+                (((h.ndim - 1,), (0,)), ((), ())), preferred_element_type=jnp.float32,
+            )
         return y.astype(out_dtype)
 
 
@@ -408,6 +458,53 @@ def gqa_attention(q: Array, k: Array, v: Array, mask: Array, *, scale: float,
     return out.reshape(b, t, h, dh)
 
 
+def _lora(cfg: LlamaConfig, name: str) -> dict[str, Any]:
+    return {"lora_rank": cfg.lora_for(name), "lora_scale": cfg.lora_scale}
+
+
+def has_lora(params: Any) -> bool:
+    """Whether a parameter tree holds LoRA adapters."""
+    return any(getattr(p[-1], "key", None) in ("lora_a", "lora_b")
+               for p, _ in jax.tree_util.tree_leaves_with_path(params))
+
+
+def merge_lora(params: Mapping[str, Any], scale: float) -> dict[str, Any]:
+    """``params`` with every adapter folded into its kernel (``kernel + scale * A @ B``) and
+    the ``lora_a`` / ``lora_b`` leaves dropped; works on scanned (layer-stacked) trees."""
+
+    def walk(node: Any) -> Any:
+        if not isinstance(node, Mapping):
+            return node
+        out = {k: walk(v) for k, v in node.items() if k not in ("lora_a", "lora_b")}
+        if "lora_a" in node and "lora_b" in node:
+            a, b, k = (np.asarray(nn.unbox(node[n]), np.float32)
+                       for n in ("lora_a", "lora_b", "kernel"))
+            lead = a.ndim + b.ndim - k.ndim - 2  # the scan's layer axis, if any
+            r = a.shape[-1]
+            am = a.reshape(a.shape[:lead] + (-1, r))
+            bm = b.reshape(b.shape[:lead] + (r, -1))
+            out["kernel"] = (k + scale * np.matmul(am, bm).reshape(k.shape)).astype(np.float32)
+        return out
+
+    return walk(dict(params))
+
+
+def add_missing_lora(params: Mapping[str, Any], like: Mapping[str, Any]) -> dict[str, Any]:
+    """``params`` (a tree without adapters, e.g. a converted checkpoint) with the ``lora_a`` /
+    ``lora_b`` leaves of ``like`` (a freshly initialised LoRA model) where it lacks them."""
+
+    def walk(node: Any, ref: Any) -> Any:
+        if not isinstance(node, Mapping) or not isinstance(ref, Mapping):
+            return node
+        out = {k: walk(v, ref.get(k)) for k, v in node.items()}
+        for k in ("lora_a", "lora_b"):
+            if k in ref and k not in out:
+                out[k] = nn.unbox(ref[k])
+        return out
+
+    return walk(dict(params), dict(like))
+
+
 class Attention(nn.Module):
     """``self_attn``: q/k/v/o projections, RoPE, GQA attention, optional KV-cache write."""
 
@@ -419,9 +516,12 @@ class Attention(nn.Module):
         dt = c.compute_dtype
         nh, nkv, hd = c.num_attention_heads, c.num_key_value_heads, c.head_dim
         bias = c.attention_bias
-        q = Proj((nh, hd), ("embed", "heads", "kv"), use_bias=bias, dtype=dt, name="q_proj")(x)
-        k = Proj((nkv, hd), ("embed", "heads", "kv"), use_bias=bias, dtype=dt, name="k_proj")(x)
-        v = Proj((nkv, hd), ("embed", "heads", "kv"), use_bias=bias, dtype=dt, name="v_proj")(x)
+        q = Proj((nh, hd), ("embed", "heads", "kv"), use_bias=bias, dtype=dt, name="q_proj",
+                 **_lora(c, "q_proj"))(x)
+        k = Proj((nkv, hd), ("embed", "heads", "kv"), use_bias=bias, dtype=dt, name="k_proj",
+                 **_lora(c, "k_proj"))(x)
+        v = Proj((nkv, hd), ("embed", "heads", "kv"), use_bias=bias, dtype=dt, name="v_proj",
+                 **_lora(c, "v_proj"))(x)
         q = apply_rope(q, cos, sin)
         k = apply_rope(k, cos, sin)
         q = nn.with_logical_constraint(q, BATCH_LEN_HEADS)
@@ -435,7 +535,7 @@ class Attention(nn.Module):
         o = gqa_attention(q, k, v, mask, scale=hd**-0.5, implementation=c.attention_impl)
         o = nn.with_logical_constraint(o, BATCH_LEN_HEADS)
         out = Proj((c.hidden_size,), ("heads", "kv", "embed"), in_dims=2, use_bias=bias,
-                   dtype=dt, name="o_proj")(o)
+                   dtype=dt, name="o_proj", **_lora(c, "o_proj"))(o)
         return out, new_cache
 
 
@@ -449,12 +549,14 @@ class MLP(nn.Module):
         c = self.cfg
         dt = c.compute_dtype
         m, b = c.intermediate_size, c.mlp_bias
-        gate = Proj((m,), ("embed", "mlp"), use_bias=b, dtype=dt, name="gate_proj")(x)
-        up = Proj((m,), ("embed", "mlp"), use_bias=b, dtype=dt, name="up_proj")(x)
+        gate = Proj((m,), ("embed", "mlp"), use_bias=b, dtype=dt, name="gate_proj",
+                 **_lora(c, "gate_proj"))(x)
+        up = Proj((m,), ("embed", "mlp"), use_bias=b, dtype=dt, name="up_proj",
+                 **_lora(c, "up_proj"))(x)
         h = (nn.silu(gate.astype(jnp.float32)).astype(dt) * up)
         h = nn.with_logical_constraint(h, BATCH_LEN_MLP)
         return Proj((c.hidden_size,), ("mlp", "embed"), use_bias=b, dtype=dt,
-                    name="down_proj")(h)
+                    name="down_proj", **_lora(c, "down_proj"))(h)
 
 
 class DecoderLayer(nn.Module):

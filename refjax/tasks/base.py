@@ -53,6 +53,10 @@ class Task:
         """Fill values derived at train start into an unlocked ``config`` (in place), e.g. a
         vocabulary size read from the dataset's tokenizer. Saved with the run."""
 
+    def check_tokenizer(self, config: Any) -> None:
+        """Raise if a restored model's vocabulary cannot be the tokenizer the data will use
+        (called before restoring a checkpoint for evaluation or prediction)."""
+
     def build_model(self, config: Any) -> nn.Module:
         raise NotImplementedError
 

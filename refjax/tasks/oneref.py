@@ -138,6 +138,15 @@ class _OneRefTask(Task):
     def resolve_config(self, config: Any) -> None:
         resolve_vocab_size(config)
 
+    def check_tokenizer(self, config: Any) -> None:
+        if config.model.variant != "tiny" or config.model.vocab_size is None:
+            return  # the BEiT-3 vocabulary is the variant's, not the dataset's
+        from refjax.data.sources import check_dataset_tokenizer
+        from refjax.data.tokenizers import BEIT3_FILE, load_beit3_tokenizer
+
+        check_dataset_tokenizer(config, BEIT3_FILE, lambda p: len(load_beit3_tokenizer(p)),
+                                config.model.vocab_size)
+
     def build_model(self, config: Any) -> OneRef:
         return build_oneref(config.model)
 

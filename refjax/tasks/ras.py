@@ -723,6 +723,16 @@ class RASTask(Task):
                 m.vocab_size = len(tok)
         validate_config(config)
 
+    def check_tokenizer(self, config: Any) -> None:
+        m = config.model
+        if m.preset != "ras_tiny" or m.vocab_size is None:
+            return  # 13b / a converted init: the LLM's own vocabulary
+        from refjax.data.sources import check_dataset_tokenizer
+        from refjax.data.tokenizers import load_llama_tokenizer
+
+        check_dataset_tokenizer(config, LLAMA_FILE, lambda p: len(load_llama_tokenizer(p)),
+                                m.vocab_size)
+
     def build_model(self, config: Any) -> ras_lib.RAS:
         validate_config(config)
         self._config = config
@@ -849,6 +859,7 @@ class RASTask(Task):
                     log.info("init: %s from model.fill_from %s", k, fill)
         if "llm" in params and "llm" in target:
             params["llm"] = self._fit_vocab(params["llm"], target["llm"])
+            params["llm"] = self._fit_lora(params["llm"], target["llm"])
         kept = {}
         for k, v in params.items():
             if k not in target:
@@ -862,6 +873,18 @@ class RASTask(Task):
                 continue
             kept[k] = v
         return super().map_init({"params": kept, "batch_stats": {}}, meta, model)
+
+    @staticmethod
+    def _fit_lora(llm: Any, target: Any) -> Any:
+        """LoRA adapters: fresh ones where the init has none (B = 0, a no-op); an init with
+        adapters for a model without them is an error (merge them first)."""
+        from refjax.models.llama import add_missing_lora, has_lora
+
+        if has_lora(llm) and not has_lora(target):
+            raise ValueError("init: the LLM has LoRA adapters but this model has none; train "
+                             "with lora=on, or fold them in with "
+                             "refjax.models.llama.merge_lora")
+        return add_missing_lora(llm, target) if has_lora(target) else llm
 
     def _fit_vocab(self, llm: Any, target: Any) -> Any:
         emb = np.shape(llm["embed_tokens"]["embedding"])

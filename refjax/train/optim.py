@@ -11,6 +11,9 @@ Config fields (all required: the config files are the one source of values;
     warmup_steps: 0
     min_lr_ratio: 0.0           # cosine end value as a fraction of lr (warmup_cosine only)
     frozen: ()                  # regex(es) of frozen parameter paths, e.g. ("beit3/",)
+    lr_scale: ()                # "regex=factor" items: matching paths learn at lr * factor
+                                # (e.g. ("mask_projector/=0.1",)); first match wins. Optional
+                                # (configs saved before it existed have none)
     grad_clip_norm: None        # global-norm clipping of the trainable gradients (None/0: off)
     accum_steps: 1              # gradient accumulation (micro-batches per update)
 
@@ -34,8 +37,9 @@ from refjax.parallel import path_str
 
 KEYS = (
     "lr", "b1", "b2", "eps", "weight_decay", "wd_mask", "schedule", "warmup_steps",
-    "min_lr_ratio", "frozen", "grad_clip_norm", "accum_steps",
+    "min_lr_ratio", "frozen", "grad_clip_norm", "accum_steps", "lr_scale",
 )
+OPTIONAL_KEYS = ("lr_scale",)
 
 
 def param_path(tree: Any) -> Any:
@@ -64,7 +68,7 @@ def _check_keys(cfg: Mapping[str, Any]) -> None:
     unknown = set(cfg.keys()) - set(KEYS)
     if unknown:
         raise KeyError(f"unknown optimizer config keys {sorted(unknown)}; known: {sorted(KEYS)}")
-    missing = [k for k in KEYS if k not in cfg]
+    missing = [k for k in KEYS if k not in cfg and k not in OPTIONAL_KEYS]
     if missing:
         raise KeyError(f"optimizer config lacks {missing} (configs/common.py optim_section "
                        "lists every key)")
@@ -117,6 +121,40 @@ def make_schedule(
     return optax.join_schedules([optax.linear_schedule(0.0, lr, warmup), main], [warmup])
 
 
+def parse_lr_scale(value: str | Sequence[str] | None) -> tuple[tuple[str, float], ...]:
+    """``("regex=factor", ...)`` -> ``((regex, factor), ...)``, with a clear error on a bad item."""
+    out = []
+    for item in _patterns(value):
+        pattern, sep, factor = str(item).rpartition("=")
+        try:
+            f = float(factor)
+        except ValueError:
+            f = None
+        if not sep or not pattern or f is None or f < 0:
+            raise ValueError(f"optim.lr_scale item {item!r} is not 'regex=factor' with a "
+                             "factor >= 0")
+        re.compile(pattern)
+        out.append((pattern, f))
+    return tuple(out)
+
+
+def scale_by_path(scales: Sequence[tuple[str, float]]) -> optax.GradientTransformation:
+    """Multiply each update by the factor of the first ``(regex, factor)`` its path matches
+    (``re.match``; 1 where none does): per-group learning rates, weight decay included (it is
+    part of AdamW's update, as in torch parameter groups)."""
+    compiled = [(re.compile(p), f) for p, f in scales]
+
+    def factor(path: str) -> float:
+        return next((f for c, f in compiled if c.match(path)), 1.0)
+
+    def update(updates, state, params=None):
+        del params
+        return jax.tree_util.tree_map_with_path(
+            lambda p, u: u * factor(path_str(p)), updates), state
+
+    return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
+
+
 def make_optimizer(
     cfg: Mapping[str, Any],
     total_steps: int,
@@ -143,6 +181,9 @@ def make_optimizer(
             mask=wd_mask,
         )
     ]
+    scales = parse_lr_scale(cfg.get("lr_scale") if hasattr(cfg, "get") else None)
+    if scales:
+        inner.append(scale_by_path(scales))
     clip = _get(cfg, "grad_clip_norm")
     if clip:
         inner.insert(0, optax.clip_by_global_norm(float(clip)))

@@ -331,6 +331,7 @@ def restore_variables(
     restored onto ``mesh`` (default ``config.mesh``; any shape: Orbax reshards) without
     building an optimizer or reading its state."""
     task = get_task(config.task)
+    task.check_tokenizer(config)
     model = task.build_model(config)
     mesh = mesh if mesh is not None else parallel.create_mesh(config.mesh)
     rules = rules if rules is not None else parallel.rules_for(config.layout)

@@ -1,0 +1,392 @@
+"""One accelerator lease, prepared as two calls: what refjax can only show on a GPU.
+
+``probe`` (about 5 minutes): environment, RefShapes built on the machine, the accelerator table
+(``benchmarks/accelerator_check.py``), then a calibration that runs every training job of the
+``train`` call concurrently for a few steps through the real drivers
+(``experiments/mrefm_ablation/run.py``, ``experiments/ras_refshapes/run.py``) and measures each
+job's steps/s under that contention and its fixed cost (compiles, evaluations).
+
+``train`` sizes every job from the calibration to end inside ``--budget_s`` and runs them
+concurrently on the one GPU (each process allocates device memory on demand; one compilation
+cache is shared):
+
+    abl_a..abl_d  the MRefM ablation arms at equal steps (batch 32, the demo's model; pretraining
+                  and transfer split 1:1, arm a trains the sum as transfer)
+    demo          arm d again at batch 128 (the candidate for the shipped demo checkpoint)
+    ras_nar, ras_clip, ras_all
+                  the tiny RAS through stages 1-3 (full recipe, one tower, the ensemble without
+                  the 2D position map); stage steps in the recipe's ratio 1500:3000:2000, capped
+                  at the recipe; ras_nar also fine-tunes stage 3 for RES and GRES
+
+Each job's results (``result.json``, logs, learning curves) come back in ``results.tgz``; the
+ablation's arm d, the demo candidate and RAS NAR come back as parameter-only exports.
+
+    python experiments/gpu_session/run.py probe --work runs/gpu --out $OUT
+    python experiments/gpu_session/run.py train --work runs/gpu --out $OUT --budget_s 360
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import os
+import subprocess
+import sys
+import tarfile
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(os.path.dirname(HERE))
+TOKENIZER = os.path.join(ROOT, "checkpoints", "refshapes_kmeans_tokenizer")
+RAS_RECIPE = (1500, 3000, 2000)
+ABL_ARMS = ("a", "b", "c", "d")
+RAS_ARMS = ("nar", "clip", "all")
+
+
+def _env(gpu_shared: bool) -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (ROOT, env.get("PYTHONPATH")) if p)
+    env["REFJAX_ALLOCATOR"] = "system"
+    env["PYTHONUNBUFFERED"] = "1"
+    env.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(ROOT, "runs", "jaxcache"))
+    if gpu_shared:
+        env["XLA_PYTHON_CLIENT_PREALLOCATE"] = "false"
+    return env
+
+
+def _data_dir(work: str) -> str:
+    return os.path.abspath(os.path.join(work, "data"))
+
+
+def jobs(work: str, out: str, steps: dict[str, dict], calib: bool) -> dict[str, list[str]]:
+    """The command of every job; ``steps[name]`` holds that job's step counts."""
+    data, py = _data_dir(work), sys.executable
+    log = ["--set", "train.log_every=10" if calib else "train.log_every=50"]
+    cmds: dict[str, list[str]] = {}
+    for arm in ABL_ARMS:
+        s = steps[f"abl_{arm}"]
+        cmds[f"abl_{arm}"] = [
+            py, "experiments/mrefm_ablation/run.py", "--data_dir", data, "--tokenizer", TOKENIZER,
+            "--out", os.path.join(out, "abl"), "--arms", arm, "--pretrain_steps", str(s["pre"]),
+            "--transfer_steps", str(s["tr"]), "--eval_every", str(s["eval_every"]),
+            "--eval_batches", "20", "--seed", "13", "--set", "data.num_workers=1", *log]
+    s = steps["demo"]
+    cmds["demo"] = [
+        py, "experiments/mrefm_ablation/run.py", "--data_dir", data, "--tokenizer", TOKENIZER,
+        "--out", os.path.join(out, "demo"), "--arms", "d", "--pretrain_steps", str(s["pre"]),
+        "--transfer_steps", str(s["tr"]), "--eval_every", str(s["eval_every"]),
+        "--eval_batches", "20", "--seed", "13", "--set", "data.num_workers=3",
+        "--set", "data.batch_size=128", *log]
+    for arm in RAS_ARMS:
+        s = steps[f"ras_{arm}"]
+        cmds[f"ras_{arm}"] = [
+            py, "experiments/ras_refshapes/run.py", "--data_dir", data,
+            "--out", os.path.join(out, "ras"), "--arms", arm,
+            "--stage_steps", ",".join(str(x) for x in s["stages"]), "--eval_batches", "20",
+            "--splits", "val", "--seed", "0", "--set", "data.num_workers=1", *log,
+            *(["--tasks", "ores,res,gres"] if arm == "nar" else [])]
+    return cmds
+
+
+def _only(cmds: dict[str, list[str]], only: str | None) -> dict[str, list[str]]:
+    return {k: v for k, v in cmds.items() if not only or k in only.split(",")}
+
+
+def run_jobs(cmds: dict[str, list[str]], logdir: str, timeout_s: float) -> dict[str, dict]:
+    """Run every command concurrently; kill what is still running after ``timeout_s``."""
+    os.makedirs(logdir, exist_ok=True)
+    procs, t0 = {}, time.time()
+    for name, cmd in cmds.items():
+        f = open(os.path.join(logdir, f"{name}.log"), "w")
+        procs[name] = (subprocess.Popen(cmd, cwd=ROOT, env=_env(True), stdout=f,
+                                        stderr=subprocess.STDOUT, start_new_session=False), f)
+    done: dict[str, dict] = {}
+    while len(done) < len(procs):
+        time.sleep(2)
+        for name, (p, f) in procs.items():
+            if name in done:
+                continue
+            if p.poll() is not None:
+                done[name] = {"rc": p.returncode, "wall_s": time.time() - t0}
+                f.close()
+                print(f"[gpu] {name} rc={p.returncode} after {time.time() - t0:.0f} s",
+                      flush=True)
+            elif time.time() - t0 > timeout_s:
+                subprocess.run(["pkill", "-KILL", "-P", str(p.pid)], check=False)
+                p.kill()
+                p.wait()
+                done[name] = {"rc": "killed", "wall_s": time.time() - t0}
+                f.close()
+                print(f"[gpu] {name} killed at {timeout_s:.0f} s", flush=True)
+    return done
+
+
+def _rates(workdir: str) -> float | None:
+    """Mean steps/s of a run's training log, without its first entry (the compile)."""
+    path = os.path.join(workdir, "metrics.jsonl")
+    if not os.path.exists(path):
+        return None
+    rows = [json.loads(line) for line in open(path) if line.strip()]
+    vals = [r["steps_per_sec"] for r in rows if "steps_per_sec" in r][1:]
+    return sum(vals) / len(vals) if vals else None
+
+
+CALIB_STEPS = {**{f"abl_{a}": {"pre": 40, "tr": 40, "eval_every": 40} for a in ABL_ARMS},
+               "demo": {"pre": 40, "tr": 40, "eval_every": 40},
+               **{f"ras_{a}": {"stages": (30, 30, 30)} for a in RAS_ARMS}}
+
+
+def _start_build(a: argparse.Namespace) -> subprocess.Popen | None:
+    """Build RefShapes ``default`` under the work dir (in the background) unless it is there."""
+    data = _data_dir(a.work)
+    if os.path.exists(os.path.join(data, "refshapes", "default", "1.1.0", "dataset_info.json")):
+        return None
+    os.makedirs(a.out, exist_ok=True)
+    benv = {**_env(False), "JAX_PLATFORMS": "cpu", "REFJAX_DATA_WORKERS": "12"}
+    return subprocess.Popen([sys.executable, "-m", "refjax", "build-data", "refshapes",
+                             "--data-dir", data], cwd=ROOT, env=benv,
+                            stdout=open(os.path.join(a.out, "build.log"), "w"),
+                            stderr=subprocess.STDOUT)
+
+
+def probe(a: argparse.Namespace) -> None:
+    import jax
+
+    os.makedirs(a.out, exist_ok=True)
+    # no jax.devices() here: this process must not take the GPU's memory from its children
+    env = {"python": sys.version.split()[0], "jax": jax.__version__, "cpus": os.cpu_count()}
+    for mod in ("flax", "optax", "orbax.checkpoint", "grain", "tensorflow_datasets"):
+        try:
+            env[mod] = __import__(mod, fromlist=["_"]).__version__
+        except Exception as e:  # noqa: BLE001  (reported, not fatal)
+            env[mod] = f"unavailable: {e}"
+    print("[gpu] env", json.dumps(env), flush=True)
+    build, t0 = _start_build(a), time.time()
+    t1 = time.time()
+    acc = subprocess.run([sys.executable, "benchmarks/accelerator_check.py", "--json",
+                          os.path.join(a.out, "accelerator.json"),
+                          *(["--smoke"] if a.smoke else [])], cwd=ROOT, env=_env(False),
+                         capture_output=True, text=True, timeout=300)
+    env["accelerator_check_s"] = time.time() - t1
+    print(acc.stdout[-4000:], acc.stderr[-3000:] if acc.returncode else "", flush=True)
+    with open(os.path.join(a.out, "accelerator.log"), "w") as f:
+        f.write(acc.stdout + acc.stderr)
+    if build is not None:
+        build.wait()
+        env["build_s"] = time.time() - t0
+        print(f"[gpu] RefShapes built in {env['build_s']:.0f} s (rc {build.returncode})",
+              flush=True)
+    calib_dir = os.path.join(a.work, "calib")
+    t2 = time.time()
+    res = run_jobs(_only(jobs(a.work, calib_dir, CALIB_STEPS, True), a.only),
+                   os.path.join(a.work, "calib_logs"), a.calib_timeout_s)
+    cal = {"jobs": res, "wall_s": time.time() - t2, "rates": {}}
+    for name in res:
+        if name.startswith("abl_") or name == "demo":
+            arm = name[-1]
+            root = os.path.join(calib_dir, "abl" if name != "demo" else "demo", arm)
+            rates = {"pre": _rates(os.path.join(root, "pretrain")),
+                     "tr": _rates(os.path.join(root, "transfer"))}
+        else:
+            root = os.path.join(calib_dir, "ras")
+            arm = name[4:]
+            key = {"nar": "all+pe", "clip": "clip", "all": "all"}[arm]
+            rates = {"s1": _rates(os.path.join(root, f"stage1_{key}")),
+                     "s2": _rates(os.path.join(root, arm, "stage2")),
+                     "s3": _rates(os.path.join(root, arm, "stage3"))}
+        cal["rates"][name] = rates
+    cal["env"] = env
+    os.makedirs(a.work, exist_ok=True)
+    for path in (os.path.join(a.work, "calib.json"), os.path.join(a.out, "calib.json")):
+        with open(path, "w") as f:
+            json.dump(cal, f, indent=2, default=str)
+    print("[gpu] calibration", json.dumps(cal["rates"]), json.dumps(res), flush=True)
+    _tar(os.path.join(a.out, "calib.tgz"), [(os.path.join(a.work, "calib_logs"), "calib_logs"),
+                                            (calib_dir, "calib")], exclude_ckpt=True)
+
+
+def plan(cal: dict, budget_s: float) -> dict[str, dict]:
+    """Step counts that end each job inside ``budget_s`` at the calibrated rates."""
+    steps: dict[str, dict] = {}
+
+    def fixed(name: str, calib_steps: float) -> float:
+        wall = cal["jobs"][name]["wall_s"]
+        return max(30.0, wall - calib_steps)
+
+    pre_rates, tr_rates = [], []
+    for arm in ABL_ARMS:
+        r = cal["rates"].get(f"abl_{arm}", {})
+        if r.get("pre"):
+            pre_rates.append(r["pre"])
+        if r.get("tr"):
+            tr_rates.append(r["tr"])
+    r_pre = min(pre_rates) if pre_rates else 5.0
+    r_tr = min(tr_rates) if tr_rates else 5.0
+    # the fixed cost of a pretraining arm (two compiles, final evaluation), from arm d
+    f = fixed("abl_d", 40 / r_pre + 40 / r_tr) if "abl_d" in cal["jobs"] else 120.0
+    s = int((budget_s - f) / (1 / r_pre + 1 / r_tr)) // 100 * 100
+    s = max(s, 100)
+    for arm in ABL_ARMS:
+        steps[f"abl_{arm}"] = {"pre": s, "tr": s, "eval_every": max(s // 4, 25)}
+    r = cal["rates"].get("demo", {})
+    rp, rt = r.get("pre") or r_pre / 3, r.get("tr") or r_tr / 3
+    fd = fixed("demo", 40 / rp + 40 / rt) if "demo" in cal["jobs"] else 150.0
+    sd = max(int((budget_s - fd) / (1 / rp + 1 / rt)) // 100 * 100, 100)
+    steps["demo"] = {"pre": sd, "tr": sd, "eval_every": max(sd // 4, 25)}
+    for arm in RAS_ARMS:
+        r = cal["rates"].get(f"ras_{arm}", {})
+        rs = [r.get("s1") or 2.0, r.get("s2") or 2.0, r.get("s3") or 2.0]
+        fr = fixed(f"ras_{arm}", sum(30 / x for x in rs)) if f"ras_{arm}" in cal["jobs"] else 240
+        n3 = 3 if arm == "nar" else 1  # nar also fine-tunes RES and GRES from its stage 2
+        per_unit = RAS_RECIPE[0] / rs[0] + RAS_RECIPE[1] / rs[1] + n3 * RAS_RECIPE[2] / rs[2]
+        fr += (n3 - 1) * 30.0
+        scale = min(1.0, max(budget_s - fr, 30.0) / per_unit)
+        steps[f"ras_{arm}"] = {"stages": tuple(max(int(n * scale) // 10 * 10, 20)
+                                               for n in RAS_RECIPE)}
+    return steps
+
+
+def _tar(path: str, members: list[tuple[str, str]], exclude_ckpt: bool) -> None:
+    def keep(info: tarfile.TarInfo):
+        parts = info.name.split("/")
+        if exclude_ckpt and ("checkpoints" in parts or "jaxcache" in parts):
+            return None
+        return info
+
+    with tarfile.open(path, "w:gz") as t:
+        for src, arc in members:
+            if os.path.exists(src):
+                t.add(src, arcname=arc, filter=keep)
+
+
+def train(a: argparse.Namespace) -> None:
+    os.makedirs(a.out, exist_ok=True)
+    cal_path = os.path.join(a.work, "calib.json")
+    cal = json.load(open(cal_path)) if os.path.exists(cal_path) else {"jobs": {}, "rates": {}}
+    build = _start_build(a)
+    if build is not None:  # a fresh machine: the probe's data is gone
+        t = time.time()
+        build.wait()
+        a.budget_s -= time.time() - t
+    steps = plan(cal, a.budget_s)
+    print("[gpu] plan", json.dumps(steps), flush=True)
+    run_dir = os.path.join(a.work, "train")
+    t0 = time.time()
+    res = run_jobs(_only(jobs(a.work, run_dir, steps, False), a.only),
+                   os.path.join(run_dir, "logs"), a.budget_s + a.slack_s)
+    summary = {"plan": steps, "jobs": res, "wall_s": time.time() - t0, "calibration": cal}
+    with open(os.path.join(run_dir, "summary.json"), "w") as f:
+        json.dump(summary, f, indent=2, default=str)
+    exports = {"oneref_abl_d": os.path.join(run_dir, "abl", "d", "transfer"),
+               "oneref_demo": os.path.join(run_dir, "demo", "d", "transfer"),
+               "ras_nar": os.path.join(run_dir, "ras", "nar", "stage3")}
+    for name, wd in exports.items():
+        dst = os.path.join(a.work, "export", name)
+        if os.path.exists(os.path.join(wd, "metrics.json")) and not os.path.exists(dst):
+            subprocess.run([sys.executable, "-m", "refjax", "export", "--workdir", wd, "--out",
+                            dst], cwd=ROOT, env=_env(False), check=False, timeout=120)
+    _tar(os.path.join(a.out, "results.tgz"), [(run_dir, "train")], exclude_ckpt=True)
+    _tar(os.path.join(a.out, "exports.tgz"), [(os.path.join(a.work, "export"), "export")],
+         exclude_ckpt=False)
+    for r in sorted(glob.glob(os.path.join(run_dir, "*", "*", "result.json"))):
+        v = json.load(open(r))
+        print("[gpu] result", r, json.dumps(v.get("splits", {}).get("val", {}))[:600])
+    print(f"[gpu] train phase {time.time() - t0:.0f} s", flush=True)
+
+
+def _cli(args: list[str], log: str, timeout_s: float) -> int:
+    with open(log, "w") as f:
+        try:
+            return subprocess.run([sys.executable, "-m", "refjax", *args], cwd=ROOT,
+                                  env=_env(False), stdout=f, stderr=subprocess.STDOUT,
+                                  timeout=max(timeout_s, 1)).returncode
+        except subprocess.TimeoutExpired:
+            return -9
+
+
+def demo(a: argparse.Namespace) -> None:
+    """The demo checkpoint alone on the GPU: MRefM (paper recipe) then REC+RES transfer, the
+    demo's model at batch ``--batch`` fed by ``--workers`` data workers; the transfer's steps
+    are sized from the pretraining's measured rate to end by ``--budget_s``."""
+    sys.path.insert(0, ROOT)
+    from refjax.demo import MODEL, TRANSFER
+
+    t_start = time.time()
+    deadline = t_start + a.budget_s
+    os.makedirs(a.out, exist_ok=True)
+    build = _start_build(a)
+    if build is not None:
+        build.wait()
+    print(f"[gpu] data ready after {time.time() - t_start:.0f} s", flush=True)
+    work = os.path.join(a.work, "demo")
+    os.makedirs(work, exist_ok=True)
+    data = [f"data.data_dir={_data_dir(a.work)}", f"data.num_workers={a.workers}",
+            f"data.batch_size={a.batch}", "train.seed=13", "train.progress=False",
+            "train.log_every=50"]
+    pre = os.path.join(work, "pretrain")
+    rc = _cli(["train", "--config", "configs/oneref/mrefm.py:tiny,recipe=paper", "--workdir", pre,
+               "--overwrite", *_sets([*MODEL, *data, f"model.tokenizer_init={TOKENIZER}",
+                                      f"train.total_steps={a.pretrain_steps}",
+                                      "train.eval_every=0",
+                                      f"train.ckpt_every={a.pretrain_steps}", "eval.splits="])],
+             os.path.join(work, "pretrain.log"), deadline - time.time())
+    rate = _rates(pre) or 5.0
+    t_pre = time.time() - t_start
+    print(f"[gpu] pretraining rc={rc} {a.pretrain_steps} steps, {rate:.2f} steps/s, "
+          f"at {t_pre:.0f} s", flush=True)
+    left = deadline - time.time() - a.fixed_s
+    steps = max(int(left * rate * 0.85) // 100 * 100, 100)
+    steps = min(steps, a.max_transfer_steps)
+    tr = os.path.join(work, "transfer")
+    every = max(steps // 3, 50)
+    rc = _cli(["train", "--config", "configs/oneref/rec_res.py:tiny,task=res", "--workdir", tr,
+               "--overwrite", *_sets([*TRANSFER, *data, f"init={pre}",
+                                      f"train.total_steps={steps}", f"train.eval_every={every}",
+                                      "train.eval_max_batches=10", f"train.ckpt_every={every}"])],
+             os.path.join(work, "transfer.log"), deadline + a.slack_s - time.time())
+    print(f"[gpu] transfer rc={rc} {steps} steps, {(_rates(tr) or 0):.2f} steps/s, at "
+          f"{time.time() - t_start:.0f} s", flush=True)
+    dst = os.path.join(a.work, "export", "oneref_demo")
+    if not os.path.exists(dst):
+        _cli(["export", "--workdir", tr, "--out", dst], os.path.join(work, "export.log"), 120)
+    with open(os.path.join(work, "summary.json"), "w") as f:
+        json.dump({"pretrain_steps": a.pretrain_steps, "transfer_steps": steps, "batch": a.batch,
+                   "workers": a.workers, "pretrain_rate": rate, "transfer_rate": _rates(tr),
+                   "wall_s": time.time() - t_start}, f, indent=2)
+    _tar(os.path.join(a.out, "demo.tgz"), [(work, "demo")], exclude_ckpt=True)
+    _tar(os.path.join(a.out, "export.tgz"), [(dst, "oneref_demo")], exclude_ckpt=False)
+    if os.path.exists(os.path.join(tr, "metrics.json")):
+        print(json.dumps(json.load(open(os.path.join(tr, "metrics.json")))["splits"])[:3000])
+    print(f"[gpu] demo phase {time.time() - t_start:.0f} s", flush=True)
+
+
+def _sets(items: list[str]) -> list[str]:
+    out: list[str] = []
+    for s in items:
+        out += ["--set", s]
+    return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("phase", choices=("probe", "train", "demo"))
+    p.add_argument("--work", default=os.path.join(ROOT, "runs", "gpu"))
+    p.add_argument("--out", required=True)
+    p.add_argument("--calib_timeout_s", type=float, default=200)
+    p.add_argument("--budget_s", type=float, default=360)
+    p.add_argument("--slack_s", type=float, default=60)
+    p.add_argument("--only", default=None, help="comma list of job names (a local dry run)")
+    p.add_argument("--smoke", action="store_true", help="accelerator check at smoke sizes")
+    p.add_argument("--batch", type=int, default=128, help="demo: batch size")
+    p.add_argument("--workers", type=int, default=14, help="demo: data workers")
+    p.add_argument("--pretrain_steps", type=int, default=1000, help="demo: MRefM steps")
+    p.add_argument("--max_transfer_steps", type=int, default=6000)
+    p.add_argument("--fixed_s", type=float, default=60, help="demo: transfer compile + evals")
+    a = p.parse_args()
+    a.work = os.path.abspath(a.work)
+    {"probe": probe, "train": train, "demo": demo}[a.phase](a)
+
+
+if __name__ == "__main__":
+    main()
