@@ -1,34 +1,23 @@
 """One accelerator lease, prepared as two calls: what refjax can only show on a GPU.
 
 ``probe`` (about 5 minutes): environment, RefShapes built on the machine, the accelerator table
-(``benchmarks/accelerator_check.py``), then a calibration that runs every training job of the
-``train`` call concurrently for a few steps through the real drivers
-(``experiments/mrefm_ablation/run.py``, ``experiments/ras_refshapes/run.py``) and measures each
-job's steps/s under that contention and its fixed cost (compiles, evaluations).
+(``benchmarks/accelerator_check.py``), then a calibration that runs eight training jobs at once
+on the one GPU through the real drivers (``experiments/mrefm_ablation/run.py`` arms a-d, arm d
+at batch 128, ``experiments/ras_refshapes/run.py`` arms nar/clip/all) for a few steps and
+measures each job's steps/s under that contention. On the H200 it showed every job bound by its
+input pipeline (README.md), so a concurrent ablation on one GPU was not pursued.
 
-``train`` sizes every job from the calibration to end inside ``--budget_s`` and runs them
-concurrently on the one GPU (each process allocates device memory on demand; one compilation
-cache is shared):
-
-    abl_a..abl_d  the MRefM ablation arms at equal steps (batch 32, the demo's model; pretraining
-                  and transfer split 1:1, arm a trains the sum as transfer)
-    demo          arm d again at batch 128 (the candidate for the shipped demo checkpoint)
-    ras_nar, ras_clip, ras_all
-                  the tiny RAS through stages 1-3 (full recipe, one tower, the ensemble without
-                  the 2D position map); stage steps in the recipe's ratio 1500:3000:2000, capped
-                  at the recipe; ras_nar also fine-tunes stage 3 for RES and GRES
-
-Each job's results (``result.json``, logs, learning curves) come back in ``results.tgz``; the
-ablation's arm d, the demo candidate and RAS NAR come back as parameter-only exports.
+``demo``: the demo checkpoint alone (MRefM, then REC+RES transfer, the demo's model at a large
+batch fed by many data workers), the transfer's steps sized from the pretraining's measured rate
+to end inside ``--budget_s``; the run and its parameter-only export come back as tarballs.
 
     python experiments/gpu_session/run.py probe --work runs/gpu --out $OUT
-    python experiments/gpu_session/run.py train --work runs/gpu --out $OUT --budget_s 360
+    python experiments/gpu_session/run.py demo --work runs/gpu --out $OUT --budget_s 320
 """
 
 from __future__ import annotations
 
 import argparse
-import glob
 import json
 import os
 import subprocess
@@ -38,6 +27,9 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
+sys.path.insert(0, ROOT)
+from experiments.driver import child_env, set_args  # noqa: E402
+
 TOKENIZER = os.path.join(ROOT, "checkpoints", "refshapes_kmeans_tokenizer")
 RAS_RECIPE = (1500, 3000, 2000)
 ABL_ARMS = ("a", "b", "c", "d")
@@ -45,10 +37,7 @@ RAS_ARMS = ("nar", "clip", "all")
 
 
 def _env(gpu_shared: bool) -> dict[str, str]:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (ROOT, env.get("PYTHONPATH")) if p)
-    env["REFJAX_ALLOCATOR"] = "system"
-    env["PYTHONUNBUFFERED"] = "1"
+    env = child_env(REFJAX_ALLOCATOR="system", PYTHONUNBUFFERED="1")
     env.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(ROOT, "runs", "jaxcache"))
     if gpu_shared:
         env["XLA_PYTHON_CLIENT_PREALLOCATE"] = "false"
@@ -59,10 +48,10 @@ def _data_dir(work: str) -> str:
     return os.path.abspath(os.path.join(work, "data"))
 
 
-def jobs(work: str, out: str, steps: dict[str, dict], calib: bool) -> dict[str, list[str]]:
-    """The command of every job; ``steps[name]`` holds that job's step counts."""
+def jobs(work: str, out: str, steps: dict[str, dict]) -> dict[str, list[str]]:
+    """The command of every concurrent job; ``steps[name]`` holds that job's step counts."""
     data, py = _data_dir(work), sys.executable
-    log = ["--set", "train.log_every=10" if calib else "train.log_every=50"]
+    log = ["--set", "train.log_every=10"]
     cmds: dict[str, list[str]] = {}
     for arm in ABL_ARMS:
         s = steps[f"abl_{arm}"]
@@ -124,11 +113,9 @@ def run_jobs(cmds: dict[str, list[str]], logdir: str, timeout_s: float) -> dict[
 
 def _rates(workdir: str) -> float | None:
     """Mean steps/s of a run's training log, without its first entry (the compile)."""
-    path = os.path.join(workdir, "metrics.jsonl")
-    if not os.path.exists(path):
-        return None
-    rows = [json.loads(line) for line in open(path) if line.strip()]
-    vals = [r["steps_per_sec"] for r in rows if "steps_per_sec" in r][1:]
+    from refjax.train.trainer import read_curve
+
+    vals = [r["steps_per_sec"] for r in read_curve(workdir, "train") if "steps_per_sec" in r][1:]
     return sum(vals) / len(vals) if vals else None
 
 
@@ -162,7 +149,8 @@ def probe(a: argparse.Namespace) -> None:
         except Exception as e:  # noqa: BLE001  (reported, not fatal)
             env[mod] = f"unavailable: {e}"
     print("[gpu] env", json.dumps(env), flush=True)
-    build, t0 = _start_build(a), time.time()
+    t0 = time.time()
+    build = _start_build(a)
     t1 = time.time()
     acc = subprocess.run([sys.executable, "benchmarks/accelerator_check.py", "--json",
                           os.path.join(a.out, "accelerator.json"),
@@ -174,12 +162,14 @@ def probe(a: argparse.Namespace) -> None:
         f.write(acc.stdout + acc.stderr)
     if build is not None:
         build.wait()
-        env["build_s"] = time.time() - t0
-        print(f"[gpu] RefShapes built in {env['build_s']:.0f} s (rc {build.returncode})",
-              flush=True)
+        # the build runs beside the accelerator check: this is when the data was ready,
+        # not how long the build took (its progress bars in build.log time it)
+        env["data_ready_s"] = time.time() - t0
+        print(f"[gpu] RefShapes ready {env['data_ready_s']:.0f} s after the probe began "
+              f"(rc {build.returncode})", flush=True)
     calib_dir = os.path.join(a.work, "calib")
     t2 = time.time()
-    res = run_jobs(_only(jobs(a.work, calib_dir, CALIB_STEPS, True), a.only),
+    res = run_jobs(_only(jobs(a.work, calib_dir, CALIB_STEPS), a.only),
                    os.path.join(a.work, "calib_logs"), a.calib_timeout_s)
     cal = {"jobs": res, "wall_s": time.time() - t2, "rates": {}}
     for name in res:
@@ -206,47 +196,6 @@ def probe(a: argparse.Namespace) -> None:
                                             (calib_dir, "calib")], exclude_ckpt=True)
 
 
-def plan(cal: dict, budget_s: float) -> dict[str, dict]:
-    """Step counts that end each job inside ``budget_s`` at the calibrated rates."""
-    steps: dict[str, dict] = {}
-
-    def fixed(name: str, calib_steps: float) -> float:
-        wall = cal["jobs"][name]["wall_s"]
-        return max(30.0, wall - calib_steps)
-
-    pre_rates, tr_rates = [], []
-    for arm in ABL_ARMS:
-        r = cal["rates"].get(f"abl_{arm}", {})
-        if r.get("pre"):
-            pre_rates.append(r["pre"])
-        if r.get("tr"):
-            tr_rates.append(r["tr"])
-    r_pre = min(pre_rates) if pre_rates else 5.0
-    r_tr = min(tr_rates) if tr_rates else 5.0
-    # the fixed cost of a pretraining arm (two compiles, final evaluation), from arm d
-    f = fixed("abl_d", 40 / r_pre + 40 / r_tr) if "abl_d" in cal["jobs"] else 120.0
-    s = int((budget_s - f) / (1 / r_pre + 1 / r_tr)) // 100 * 100
-    s = max(s, 100)
-    for arm in ABL_ARMS:
-        steps[f"abl_{arm}"] = {"pre": s, "tr": s, "eval_every": max(s // 4, 25)}
-    r = cal["rates"].get("demo", {})
-    rp, rt = r.get("pre") or r_pre / 3, r.get("tr") or r_tr / 3
-    fd = fixed("demo", 40 / rp + 40 / rt) if "demo" in cal["jobs"] else 150.0
-    sd = max(int((budget_s - fd) / (1 / rp + 1 / rt)) // 100 * 100, 100)
-    steps["demo"] = {"pre": sd, "tr": sd, "eval_every": max(sd // 4, 25)}
-    for arm in RAS_ARMS:
-        r = cal["rates"].get(f"ras_{arm}", {})
-        rs = [r.get("s1") or 2.0, r.get("s2") or 2.0, r.get("s3") or 2.0]
-        fr = fixed(f"ras_{arm}", sum(30 / x for x in rs)) if f"ras_{arm}" in cal["jobs"] else 240
-        n3 = 3 if arm == "nar" else 1  # nar also fine-tunes RES and GRES from its stage 2
-        per_unit = RAS_RECIPE[0] / rs[0] + RAS_RECIPE[1] / rs[1] + n3 * RAS_RECIPE[2] / rs[2]
-        fr += (n3 - 1) * 30.0
-        scale = min(1.0, max(budget_s - fr, 30.0) / per_unit)
-        steps[f"ras_{arm}"] = {"stages": tuple(max(int(n * scale) // 10 * 10, 20)
-                                               for n in RAS_RECIPE)}
-    return steps
-
-
 def _tar(path: str, members: list[tuple[str, str]], exclude_ckpt: bool) -> None:
     def keep(info: tarfile.TarInfo):
         parts = info.name.split("/")
@@ -258,41 +207,6 @@ def _tar(path: str, members: list[tuple[str, str]], exclude_ckpt: bool) -> None:
         for src, arc in members:
             if os.path.exists(src):
                 t.add(src, arcname=arc, filter=keep)
-
-
-def train(a: argparse.Namespace) -> None:
-    os.makedirs(a.out, exist_ok=True)
-    cal_path = os.path.join(a.work, "calib.json")
-    cal = json.load(open(cal_path)) if os.path.exists(cal_path) else {"jobs": {}, "rates": {}}
-    build = _start_build(a)
-    if build is not None:  # a fresh machine: the probe's data is gone
-        t = time.time()
-        build.wait()
-        a.budget_s -= time.time() - t
-    steps = plan(cal, a.budget_s)
-    print("[gpu] plan", json.dumps(steps), flush=True)
-    run_dir = os.path.join(a.work, "train")
-    t0 = time.time()
-    res = run_jobs(_only(jobs(a.work, run_dir, steps, False), a.only),
-                   os.path.join(run_dir, "logs"), a.budget_s + a.slack_s)
-    summary = {"plan": steps, "jobs": res, "wall_s": time.time() - t0, "calibration": cal}
-    with open(os.path.join(run_dir, "summary.json"), "w") as f:
-        json.dump(summary, f, indent=2, default=str)
-    exports = {"oneref_abl_d": os.path.join(run_dir, "abl", "d", "transfer"),
-               "oneref_demo": os.path.join(run_dir, "demo", "d", "transfer"),
-               "ras_nar": os.path.join(run_dir, "ras", "nar", "stage3")}
-    for name, wd in exports.items():
-        dst = os.path.join(a.work, "export", name)
-        if os.path.exists(os.path.join(wd, "metrics.json")) and not os.path.exists(dst):
-            subprocess.run([sys.executable, "-m", "refjax", "export", "--workdir", wd, "--out",
-                            dst], cwd=ROOT, env=_env(False), check=False, timeout=120)
-    _tar(os.path.join(a.out, "results.tgz"), [(run_dir, "train")], exclude_ckpt=True)
-    _tar(os.path.join(a.out, "exports.tgz"), [(os.path.join(a.work, "export"), "export")],
-         exclude_ckpt=False)
-    for r in sorted(glob.glob(os.path.join(run_dir, "*", "*", "result.json"))):
-        v = json.load(open(r))
-        print("[gpu] result", r, json.dumps(v.get("splits", {}).get("val", {}))[:600])
-    print(f"[gpu] train phase {time.time() - t0:.0f} s", flush=True)
 
 
 def _cli(args: list[str], log: str, timeout_s: float) -> int:
@@ -326,7 +240,7 @@ def demo(a: argparse.Namespace) -> None:
             "train.log_every=50"]
     pre = os.path.join(work, "pretrain")
     rc = _cli(["train", "--config", "configs/oneref/mrefm.py:tiny,recipe=paper", "--workdir", pre,
-               "--overwrite", *_sets([*MODEL, *data, f"model.tokenizer_init={TOKENIZER}",
+               "--overwrite", *set_args([*MODEL, *data, f"model.tokenizer_init={TOKENIZER}",
                                       f"train.total_steps={a.pretrain_steps}",
                                       "train.eval_every=0",
                                       f"train.ckpt_every={a.pretrain_steps}", "eval.splits="])],
@@ -341,7 +255,7 @@ def demo(a: argparse.Namespace) -> None:
     tr = os.path.join(work, "transfer")
     every = max(steps // 3, 50)
     rc = _cli(["train", "--config", "configs/oneref/rec_res.py:tiny,task=res", "--workdir", tr,
-               "--overwrite", *_sets([*TRANSFER, *data, f"init={pre}",
+               "--overwrite", *set_args([*TRANSFER, *data, f"init={pre}",
                                       f"train.total_steps={steps}", f"train.eval_every={every}",
                                       "train.eval_max_batches=10", f"train.ckpt_every={every}"])],
              os.path.join(work, "transfer.log"), deadline + a.slack_s - time.time())
@@ -361,21 +275,14 @@ def demo(a: argparse.Namespace) -> None:
     print(f"[gpu] demo phase {time.time() - t_start:.0f} s", flush=True)
 
 
-def _sets(items: list[str]) -> list[str]:
-    out: list[str] = []
-    for s in items:
-        out += ["--set", s]
-    return out
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("phase", choices=("probe", "train", "demo"))
+    p.add_argument("phase", choices=("probe", "demo"))
     p.add_argument("--work", default=os.path.join(ROOT, "runs", "gpu"))
     p.add_argument("--out", required=True)
     p.add_argument("--calib_timeout_s", type=float, default=200)
-    p.add_argument("--budget_s", type=float, default=360)
-    p.add_argument("--slack_s", type=float, default=60)
+    p.add_argument("--budget_s", type=float, default=360, help="demo: end training by then")
+    p.add_argument("--slack_s", type=float, default=60, help="demo: grace for the transfer")
     p.add_argument("--only", default=None, help="comma list of job names (a local dry run)")
     p.add_argument("--smoke", action="store_true", help="accelerator check at smoke sizes")
     p.add_argument("--batch", type=int, default=128, help="demo: batch size")
@@ -385,7 +292,7 @@ def main() -> None:
     p.add_argument("--fixed_s", type=float, default=60, help="demo: transfer compile + evals")
     a = p.parse_args()
     a.work = os.path.abspath(a.work)
-    {"probe": probe, "train": train, "demo": demo}[a.phase](a)
+    {"probe": probe, "demo": demo}[a.phase](a)
 
 
 if __name__ == "__main__":

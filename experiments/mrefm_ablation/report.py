@@ -9,10 +9,13 @@ Acc@0.5 and mIoU) and draws val mIoU against transfer step for every arm (PIL on
 from __future__ import annotations
 
 import argparse
-import json
 import os
+import sys
 
 from PIL import Image, ImageDraw
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+from experiments.driver import load_results  # noqa: E402
 
 ORDER = ("a", "b", "c", "d")
 COLOURS = {"a": (90, 90, 90), "b": (31, 119, 180), "c": (255, 127, 14), "d": (44, 160, 44)}
@@ -21,13 +24,7 @@ SPLITS = ("val", "testA", "testB")
 
 def load(out: str) -> dict[str, dict]:
     """``{arm: result}`` for the arms that finished."""
-    res = {}
-    for arm in ORDER:
-        path = os.path.join(out, arm, "result.json")
-        if os.path.exists(path):
-            with open(path) as f:
-                res[arm] = json.load(f)
-    return res
+    return load_results(out, ORDER)
 
 
 def table(results: dict[str, dict]) -> str:

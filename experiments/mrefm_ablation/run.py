@@ -28,8 +28,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
-import subprocess
 import sys
 import time
 
@@ -37,6 +35,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
 
 sys.path.insert(0, ROOT)
+from experiments.driver import add_set_argument, run_cli, set_args  # noqa: E402
 from refjax.demo import MODEL, TRANSFER  # noqa: E402  (the demo's model and transfer recipe)
 
 ARMS = {
@@ -45,28 +44,6 @@ ARMS = {
     "c": ("released", "recipe=released"),
     "d": ("paper", "recipe=paper"),
 }
-
-
-def _run(args: list[str], log: str, core: int | None) -> float:
-    """Run a CLI command (optionally pinned to one core); returns its CPU seconds."""
-    cmd = [sys.executable, "-m", "refjax", *args]
-    if core is not None:
-        cmd = ["taskset", "-c", str(core), *cmd]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
-        p for p in (ROOT, os.environ.get("PYTHONPATH")) if p)}
-    env.pop("XLA_FLAGS", None)
-    before = resource.getrusage(resource.RUSAGE_CHILDREN)
-    with open(log, "w") as f:
-        subprocess.run(cmd, cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT, check=True)
-    after = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
-
-
-def _sets(items) -> list[str]:
-    out: list[str] = []
-    for s in items:
-        out += ["--set", s]
-    return out
 
 
 def run_arm(arm: str, a: argparse.Namespace) -> dict:
@@ -86,16 +63,16 @@ def run_arm(arm: str, a: argparse.Namespace) -> dict:
                 f"train.total_steps={a.pretrain_steps}", "train.eval_every=0",
                 f"train.ckpt_every={a.pretrain_steps}", "eval.splits=val",
                 "train.eval_max_batches=0"]
-        cpu["pretrain"] = _run(["train", "--config", f"configs/oneref/mrefm.py:tiny,{arg}",
-                                "--workdir", pre, "--overwrite", *_sets(sets)],
+        cpu["pretrain"] = run_cli(["train", "--config", f"configs/oneref/mrefm.py:tiny,{arg}",
+                                "--workdir", pre, "--overwrite", *set_args(sets)],
                                os.path.join(out, "pretrain.log"), a.core)
         init = [f"init={pre}"]
     tr = os.path.join(out, "transfer")
     sets = [*TRANSFER, *common, *init, f"train.total_steps={transfer_steps}",
             f"train.eval_every={a.eval_every}", f"train.eval_max_batches={a.eval_batches}",
             f"train.ckpt_every={a.eval_every}", "train.log_every=50"]
-    cpu["transfer"] = _run(["train", "--config", "configs/oneref/rec_res.py:tiny,task=res",
-                            "--workdir", tr, "--overwrite", *_sets(sets)],
+    cpu["transfer"] = run_cli(["train", "--config", "configs/oneref/rec_res.py:tiny,task=res",
+                            "--workdir", tr, "--overwrite", *set_args(sets)],
                            os.path.join(out, "transfer.log"), a.core)
     with open(os.path.join(tr, "metrics.json")) as f:
         final = json.load(f)
@@ -124,8 +101,7 @@ def main() -> None:
     p.add_argument("--eval_every", type=int, default=600)
     p.add_argument("--eval_batches", type=int, default=10)
     p.add_argument("--seed", type=int, default=13)
-    p.add_argument("--set", action="append", default=[],
-                   help="extra KEY=VALUE override for every run (e.g. data.num_workers=2)")
+    add_set_argument(p)
     a = p.parse_args()
     for arm in a.arms.split(","):
         r = run_arm(arm, a)

@@ -23,42 +23,18 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
-import subprocess
 import sys
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
+sys.path.insert(0, ROOT)
+from experiments.driver import add_set_argument, run_cli, set_args  # noqa: E402
 
 ARMS = {"nar": "decoding=nar,encoders=all+pe", "ar": "decoding=ar,encoders=all+pe",
         "clip": "decoding=nar,encoders=clip", "all": "decoding=nar,encoders=all"}
 # Stage 1 trains the mask projector on captions: it depends on the encoders, not the decoding.
 STAGE1_KEY = {"nar": "all+pe", "ar": "all+pe", "clip": "clip", "all": "all"}
-
-
-def _cmd(args: list[str], core: int | None) -> list[str]:
-    cmd = [sys.executable, "-m", "refjax", *args]
-    return ["taskset", "-c", str(core), *cmd] if core is not None else cmd
-
-
-def _run(args: list[str], log: str, core: int | None) -> float:
-    """Run a CLI command (optionally pinned to one core); returns its CPU seconds."""
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
-        p for p in (ROOT, os.environ.get("PYTHONPATH")) if p)}
-    before = resource.getrusage(resource.RUSAGE_CHILDREN)
-    with open(log, "w") as f:
-        subprocess.run(_cmd(args, core), cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT,
-                       check=True)
-    after = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
-
-
-def _sets(items: list[str]) -> list[str]:
-    out: list[str] = []
-    for s in items:
-        out += ["--set", s]
-    return out
 
 
 def _train(stage: int, arg: str, workdir: str, steps: int, init: str | None,
@@ -73,8 +49,8 @@ def _train(stage: int, arg: str, workdir: str, steps: int, init: str | None,
         sets.append(f"eval.splits={a.splits}")
     if init:
         sets.append(f"init={init}")
-    cpu = _run(["train", "--config", f"configs/ras/stage{stage}.py:tiny,{arg}", "--workdir",
-                workdir, "--overwrite", *_sets(sets)], workdir + ".log", a.core)
+    cpu = run_cli(["train", "--config", f"configs/ras/stage{stage}.py:tiny,{arg}", "--workdir",
+                workdir, "--overwrite", *set_args(sets)], workdir + ".log", a.core)
     with open(os.path.join(workdir, "cpu.json"), "w") as f:
         json.dump({"cpu_s": cpu}, f)
     return cpu
@@ -125,8 +101,7 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--tasks", default="ores",
                    help="stage-3 tasks, each from the same stage 2 (ores first; res, gres)")
-    p.add_argument("--set", action="append", default=[],
-                   help="extra KEY=VALUE override for every run (e.g. data.num_workers=2)")
+    add_set_argument(p)
     a = p.parse_args()
     for arm in a.arms.split(","):
         r = run_arm(arm, a)

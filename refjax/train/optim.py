@@ -147,10 +147,13 @@ def scale_by_path(scales: Sequence[tuple[str, float]]) -> optax.GradientTransfor
     def factor(path: str) -> float:
         return next((f for c, f in compiled if c.match(path)), 1.0)
 
+    def scaled(path: Any, u: Any) -> Any:
+        f = factor(path_str(path))
+        return u if f == 1.0 else u * f
+
     def update(updates, state, params=None):
         del params
-        return jax.tree_util.tree_map_with_path(
-            lambda p, u: u * factor(path_str(p)), updates), state
+        return jax.tree_util.tree_map_with_path(scaled, updates), state
 
     return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
 
