@@ -238,6 +238,8 @@ def demo(a: argparse.Namespace) -> None:
     data = [f"data.data_dir={_data_dir(a.work)}", f"data.num_workers={a.workers}",
             f"data.batch_size={a.batch}", "train.seed=13", "train.progress=False",
             "train.log_every=50"]
+    if a.tokenizer_path:  # this machine's RefShapes tokenizer, so the model ships (README.md)
+        data.append(f"data.tokenizer_path={os.path.abspath(a.tokenizer_path)}")
     pre = os.path.join(work, "pretrain")
     rc = _cli(["train", "--config", "configs/oneref/mrefm.py:tiny,recipe=paper", "--workdir", pre,
                "--overwrite", *set_args([*MODEL, *data, f"model.tokenizer_init={TOKENIZER}",
@@ -253,7 +255,7 @@ def demo(a: argparse.Namespace) -> None:
     steps = max(int(left * rate * 0.85) // 100 * 100, 100)
     steps = min(steps, a.max_transfer_steps)
     tr = os.path.join(work, "transfer")
-    every = max(steps // 3, 50)
+    every = max(steps // a.evals // 50 * 50, 50)
     rc = _cli(["train", "--config", "configs/oneref/rec_res.py:tiny,task=res", "--workdir", tr,
                "--overwrite", *set_args([*TRANSFER, *data, f"init={pre}",
                                       f"train.total_steps={steps}", f"train.eval_every={every}",
@@ -290,6 +292,10 @@ def main() -> None:
     p.add_argument("--pretrain_steps", type=int, default=1000, help="demo: MRefM steps")
     p.add_argument("--max_transfer_steps", type=int, default=6000)
     p.add_argument("--fixed_s", type=float, default=60, help="demo: transfer compile + evals")
+    p.add_argument("--evals", type=int, default=3, help="demo: in-run val evaluations")
+    p.add_argument("--tokenizer_path", default=None,
+                   help="demo: the BEiT-3 sentencepiece model to read the text with (carry the "
+                        "one of the machine the model will ship from)")
     a = p.parse_args()
     a.work = os.path.abspath(a.work)
     {"probe": probe, "demo": demo}[a.phase](a)
