@@ -61,7 +61,8 @@ def _export(args: argparse.Namespace) -> int:
     from refjax.train.trainer import export_params
 
     _require_workdir(args.workdir)
-    out = export_params(args.workdir, args.out, args.step, data_dir=args.data_dir)
+    out = export_params(args.workdir, args.out, args.step, data_dir=args.data_dir,
+                        sets=args.set or ())
     print(f"wrote {out} (parameters only)")
     return 0
 
@@ -300,6 +301,9 @@ def main(argv: list[str] | None = None) -> int:
     ex.add_argument("--out", required=True, help="output directory (must not exist)")
     ex.add_argument("--step", type=int, default=None, help="default: best, else latest")
     ex.add_argument("--data-dir", default=None, help="data.data_dir written into its config")
+    ex.add_argument("--set", action="append", metavar="KEY=VALUE",
+                    help="override written into its config (not the model: e.g. "
+                         "data.num_workers=0, data.tokenizer_path=None)")
     ex.set_defaults(fn=_export)
 
     rf = sub.add_parser("ras-features",

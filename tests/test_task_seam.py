@@ -163,6 +163,22 @@ def test_a_task_defined_in_a_test_trains_evaluates_and_restores(refshapes_tiny_d
     assert ev2["step"] == 6 and ev2["splits"]["val"] == pytest.approx(ev["splits"]["val"])
     with pytest.raises(FileExistsError):
         trainer.export_params(workdir, shipped)
+    # The training machine's data settings can be reset in what is written (a GPU run's 14
+    # workers and carried tokenizer); an unknown key fails before anything is written.
+    portable = trainer.export_params(
+        workdir, str(tmp_path / "portable"), step=6,
+        sets=["data.num_workers=0", "data.batch_size=5", "data.tokenizer_path=/x/beit3.spm"])
+    written = trainer.load_config_json(portable)
+    assert (written.data.num_workers, written.data.batch_size) == (0, 5)
+    assert written.data.tokenizer_path == "/x/beit3.spm"
+    assert written.model.to_dict() == config.model.to_dict()
+    from refjax.train.config import apply_overrides
+
+    apply_overrides(written, ["data.tokenizer_path=None"])
+    assert written.data.tokenizer_path is None
+    with pytest.raises(KeyError, match="data.nope"):
+        trainer.export_params(workdir, str(tmp_path / "bad"), step=6, sets=["data.nope=1"])
+    assert not os.path.exists(tmp_path / "bad") and not os.path.exists(tmp_path / "bad.tmp")
 
     # A finished run with the same config resumes without training; a different config is
     # refused naming the keys unless the caller asks to resume or to overwrite.

@@ -27,6 +27,9 @@ timeout "${TRAIN_TIMEOUT_S:-190}" python3 -m refjax train \
 echo "train rc $rc (124: stopped by the timeout; the last checkpoint stands)"
 # params only (5.8 MB); tarred, since an orbax tree is too deep to come back from $OUT as files
 rm -rf "$W-export"
-python3 -m refjax export --workdir "$W" --out "$W-export/oneref_cont" > "$OUT/export.log" 2>&1
+# the config written for the machines that read it: no GPU-machine workers, batch or tokenizer
+python3 -m refjax export --workdir "$W" --out "$W-export/oneref_cont" \
+  --data-dir runs/demo/data --set data.batch_size=32 --set data.num_workers=0 \
+  --set data.tokenizer_path=None > "$OUT/export.log" 2>&1
 tar czf "$OUT/oneref_cont.tgz" -C "$W-export" oneref_cont
 cp "$W/metrics.jsonl" "$W/config.json" "$OUT/"

@@ -53,6 +53,8 @@ def _parse_value(text: str, current: Any) -> Any:
         value = ast.literal_eval(text)
     except (ValueError, SyntaxError):
         value = text
+    if value is None:
+        return None  # unset a field, whatever it held (e.g. data.tokenizer_path=None)
     if isinstance(current, tuple | list) and not isinstance(value, tuple | list):
         value = tuple(v.strip() for v in str(text).split(",") if v.strip())
     elif isinstance(current, str) and not isinstance(value, str):

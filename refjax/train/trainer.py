@@ -409,26 +409,32 @@ def export_params(
     step: int | None = None,
     *,
     data_dir: str | None = None,
+    sets: Sequence[str] = (),
     files: Sequence[str] = (METRICS_FILE, METRICS_JSONL),
 ) -> str:
     """Write a parameters-only copy of a run (best, else latest, or ``step``): ``config.json``
-    (``data.data_dir`` replaced by ``data_dir`` when given), ``checkpoints/<step>/variables``
-    (no optimizer state) and ``files`` copied from the run. ``python -m refjax eval`` and
-    ``Predictor.from_workdir`` read the result like a run. ``out_dir`` must not exist."""
+    (``data.data_dir`` replaced by ``data_dir`` when given, then ``sets`` applied: e.g. the
+    training machine's ``data.num_workers`` or ``data.tokenizer_path`` reset for the machines
+    that will read it), ``checkpoints/<step>/variables`` (no optimizer state) and ``files``
+    copied from the run. ``python -m refjax eval`` and ``Predictor.from_workdir`` read the
+    result like a run. ``out_dir`` must not exist. The parameters are restored with the run's
+    own config; ``sets`` only change what is written, so they must not change the model."""
     workdir, out_dir = os.path.abspath(workdir), os.path.abspath(out_dir)
     if os.path.exists(out_dir):
         raise FileExistsError(f"{out_dir} exists; remove it or choose another output")
     config = load_config_json(workdir)
+    written = load_config_json(workdir)
+    if data_dir is not None:
+        with written.unlocked():
+            written.data.data_dir = data_dir
+    config_lib.apply_overrides(written, sets)  # unknown keys fail here, before any work
     task, _, variables, _, step = restore_variables(
         config, workdir, step, parallel.create_mesh({"data": 1}, jax.devices()[:1]),
         parallel.rules_for("dp"))
     tmp = out_dir + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
-    if data_dir is not None:
-        with config.unlocked():
-            config.data.data_dir = data_dir
-    _write_json(os.path.join(tmp, CONFIG_FILE), json.loads(config.to_json()))
+    _write_json(os.path.join(tmp, CONFIG_FILE), json.loads(written.to_json()))
     for name in files:
         if os.path.isfile(os.path.join(workdir, name)):
             shutil.copy(os.path.join(workdir, name), os.path.join(tmp, name))
