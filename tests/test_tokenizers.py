@@ -111,3 +111,48 @@ def test_load_errors(tmp_path):
         tk.load_beit3_tokenizer(str(tmp_path / "missing.spm"))
     with pytest.raises(FileNotFoundError):
         tk.load_llama_tokenizer(str(tmp_path / "missing.model"))
+
+
+def test_a_pinned_corpus_is_copied_not_trained(corpus, trained, tmp_path):
+    # Pin files that training could not produce (the other model's bytes in each slot): a
+    # matching corpus must get exactly those, whatever the installed SentencePiece trains.
+    fake = tmp_path / "fake"
+    fake.mkdir()
+    for src, name in ((trained["llama"], tk.BEIT3_FILE), (trained["beit3"], tk.LLAMA_FILE)):
+        (fake / name).write_bytes(open(src, "rb").read())
+    pinned = tmp_path / "pinned"
+    where = tk.pin_tokenizers(corpus, str(fake), pinned_dir=str(pinned))
+    assert os.path.basename(where) == tk.corpus_digest(corpus)[:16]
+    # the digest ignores order, case, surrounding space and duplicates, as training does
+    assert tk.corpus_digest([c.upper() + " " for c in reversed(corpus)] + corpus) == \
+        tk.corpus_digest(corpus)
+    got = tk.train_tokenizers(corpus, str(tmp_path / "out"), pinned_dir=str(pinned))
+    assert open(got["beit3"], "rb").read() == open(trained["llama"], "rb").read()
+    assert open(got["llama"], "rb").read() == open(trained["beit3"], "rb").read()
+    # another corpus or vocabulary bound is trained as before
+    other = tk.train_tokenizers(corpus[:-1], str(tmp_path / "o1"), pinned_dir=str(pinned))
+    assert tk.load_beit3_tokenizer(other["beit3"]) is not None
+    assert tk.corpus_digest(corpus, 500) != tk.corpus_digest(corpus)
+
+
+def test_the_shipped_refshapes_default_tokenizers_are_pinned():
+    # The checkpoints in checkpoints/ were trained on RefShapes 'default' with these files; a
+    # build of that corpus anywhere must give them (BENCHMARKS.md, session 6).
+    from refjax.train.trainer import load_config_json
+
+    entries = sorted(os.listdir(tk.PINNED_DIR))
+    assert entries, "no pinned tokenizers"
+    sizes = set()
+    for e in entries:
+        files = sorted(os.listdir(os.path.join(tk.PINNED_DIR, e)))
+        assert files == sorted([tk.BEIT3_FILE, tk.LLAMA_FILE]), e
+        beit3 = tk.load_beit3_tokenizer(os.path.join(tk.PINNED_DIR, e, tk.BEIT3_FILE))
+        llama = tk.load_llama_tokenizer(os.path.join(tk.PINNED_DIR, e, tk.LLAMA_FILE))
+        assert beit3.convert_tokens_to_ids(tk.MASK_REF) != beit3.unk_token_id
+        sizes.add((len(beit3), len(llama)))
+    ckpts = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                         "checkpoints")
+    oneref = load_config_json(os.path.join(ckpts, "refshapes_oneref_tiny"))
+    ras = load_config_json(os.path.join(ckpts, "refshapes_ras_tiny"))
+    assert oneref.data.dataset_config == ras.data.dataset_config == "default"
+    assert (oneref.model.vocab_size, ras.model.vocab_size) in sizes

@@ -9,6 +9,12 @@ captions, lower-cased):
 - ``tokenizer.model``: a BPE model laid out like LLaMA's (``unk=0, bos=1, eos=2``, no pad), so
   ``LlamaTokenizer`` ids equal spm ids.
 
+SentencePiece's trainer is not stable across its versions (the same RefShapes corpus gave 152
+pieces with 0.2.3 and 212 with 0.2.2), and a model trained on one machine reads every text id
+wrongly on another. So the tokenizers of the corpora refjax ships checkpoints for are pinned:
+``pinned_tokenizers/<digest>/`` holds the files trained here, keyed by ``corpus_digest``, and
+``train_tokenizers`` copies them instead of training whenever the corpus matches.
+
 ``<mask-ref>`` (RAS reference-mask placeholder) is a user-defined symbol in both, so it is always
 one token. Note transformers 5: ``Tokenizer(vocab_file=...)`` silently gives an empty tokenizer,
 so loading goes through ``from_pretrained``.
@@ -16,7 +22,9 @@ so loading goes through ``from_pretrained``.
 
 from __future__ import annotations
 
+import hashlib
 import io
+import logging
 import os
 import re
 import shutil
@@ -31,6 +39,8 @@ MASK_REF = "<mask-ref>"
 BEIT3_FILE = "beit3.spm"
 LLAMA_FILE = "tokenizer.model"
 BOS, PAD, EOS = 0, 1, 2  # BEiT-3 / XLM-R ids
+PINNED_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "pinned_tokenizers")
+log = logging.getLogger(__name__)
 
 
 def _train_spm(texts: list[str], path: str, vocab_size: int, **kwargs) -> str:
@@ -59,17 +69,55 @@ def _train_spm(texts: list[str], path: str, vocab_size: int, **kwargs) -> str:
     return path
 
 
-def train_tokenizers(texts: Iterable[str], out_dir: str, vocab_size: int = 1000) -> dict[str, str]:
+def _corpus(texts: Iterable[str]) -> list[str]:
+    corpus = sorted({t.strip().lower() for t in texts if t.strip()})
+    if not corpus:
+        raise ValueError("cannot train tokenizers on an empty corpus")
+    return corpus
+
+
+def corpus_digest(texts: Iterable[str], vocab_size: int = 1000) -> str:
+    """The key of a corpus's pinned tokenizers: sha256 of the vocabulary bound and the
+    deduplicated, lower-cased, sorted texts (what ``train_tokenizers`` trains on)."""
+    h = hashlib.sha256(f"{vocab_size}\n".encode())
+    for t in _corpus(texts):
+        h.update(t.encode() + b"\n")
+    return h.hexdigest()
+
+
+def pin_tokenizers(texts: Iterable[str], trained_dir: str, vocab_size: int = 1000,
+                   pinned_dir: str = PINNED_DIR) -> str:
+    """Store the tokenizers trained on ``texts`` (``trained_dir``) as that corpus's pinned copy;
+    returns its directory."""
+    dst = os.path.join(pinned_dir, corpus_digest(texts, vocab_size)[:16])
+    os.makedirs(dst, exist_ok=True)
+    for name in (BEIT3_FILE, LLAMA_FILE):
+        shutil.copyfile(os.path.join(trained_dir, name), os.path.join(dst, name))
+    return dst
+
+
+def train_tokenizers(texts: Iterable[str], out_dir: str, vocab_size: int = 1000,
+                     pinned_dir: str | None = PINNED_DIR) -> dict[str, str]:
     """Train the BEiT-3-style unigram and LLaMA-style BPE models on ``texts`` (lower-cased).
 
     Writes ``out_dir/beit3.spm`` and ``out_dir/tokenizer.model``; returns their paths. The
     corpus is deduplicated and sorted, and training is single-threaded and in memory, so the
-    files are a deterministic function of the text set. ``vocab_size`` is an upper bound (a
-    small corpus gives fewer pieces).
+    files are a deterministic function of the text set for one SentencePiece version. Where
+    ``pinned_dir`` holds this corpus's tokenizers (module docstring), they are copied instead,
+    the same files on every machine. ``vocab_size`` is an upper bound (a small corpus gives
+    fewer pieces).
     """
-    corpus = sorted({t.strip().lower() for t in texts if t.strip()})
-    if not corpus:
-        raise ValueError("cannot train tokenizers on an empty corpus")
+    corpus = _corpus(texts)
+    if pinned_dir is not None:
+        pinned = os.path.join(pinned_dir, corpus_digest(corpus, vocab_size)[:16])
+        if all(os.path.isfile(os.path.join(pinned, n)) for n in (BEIT3_FILE, LLAMA_FILE)):
+            os.makedirs(out_dir, exist_ok=True)
+            out = {}
+            for key, name in (("beit3", BEIT3_FILE), ("llama", LLAMA_FILE)):
+                out[key] = os.path.join(out_dir, name)
+                shutil.copyfile(os.path.join(pinned, name), out[key])
+            log.info("tokenizers: the pinned copy for this corpus (%s), not trained", pinned)
+            return out
     # Each distinct word once more as its own sentence: on small, repetitive corpora spm's
     # unigram trainer otherwise drops common whole words ('▁the' -> '▁' 'the').
     corpus += sorted({w for t in corpus for w in t.split()})

@@ -3,8 +3,9 @@
 One record per scene following :mod:`refjax.data.schema`. Records are generated in index order
 (``disable_shuffling``); images and masks are passed as PNG bytes. While preparing, the builder
 also trains the tokenizers on the train split's expressions and captions and writes them next to
-the records: ``<data_dir>/refshapes/<config>/<version>/{beit3.spm,tokenizer.model}``, and stores
-``expressions_per_record`` (split -> list of per-record counts) in ``metadata.json``.
+the records: ``<data_dir>/refshapes/<config>/<version>/{beit3.spm,tokenizer.model}`` (the
+pinned copy for a corpus that has one, e.g. ``default`` 1.1.0: ``refjax.data.tokenizers``), and
+stores ``expressions_per_record`` (split -> list of per-record counts) in ``metadata.json``.
 An expression's ``raw`` field equals its ``text`` (the generator writes no case or punctuation).
 """
 
