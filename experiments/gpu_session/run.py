@@ -10,9 +10,12 @@ input pipeline (README.md), so a concurrent ablation on one GPU was not pursued.
 ``demo``: the demo checkpoint alone (MRefM, then REC+RES transfer, the demo's model at a large
 batch fed by many data workers), the transfer's steps sized from the pretraining's measured rate
 to end inside ``--budget_s``; the run and its parameter-only export come back as tarballs.
+``continue``: more transfer from a ``demo`` export (``--init``) at ``--lr``, in a later call.
 
     python experiments/gpu_session/run.py probe --work runs/gpu --out $OUT
     python experiments/gpu_session/run.py demo --work runs/gpu --out $OUT --budget_s 320
+    python experiments/gpu_session/run.py continue --work runs/gpu --out $OUT \
+        --init runs/gpu/export/oneref_demo --budget_s 190 --evals 5
 """
 
 from __future__ import annotations
@@ -223,8 +226,7 @@ def demo(a: argparse.Namespace) -> None:
     """The demo checkpoint alone on the GPU: MRefM (paper recipe) then REC+RES transfer, the
     demo's model at batch ``--batch`` fed by ``--workers`` data workers; the transfer's steps
     are sized from the pretraining's measured rate to end by ``--budget_s``."""
-    sys.path.insert(0, ROOT)
-    from refjax.demo import MODEL, TRANSFER
+    from refjax.demo import MODEL
 
     t_start = time.time()
     deadline = t_start + a.budget_s
@@ -235,11 +237,7 @@ def demo(a: argparse.Namespace) -> None:
     print(f"[gpu] data ready after {time.time() - t_start:.0f} s", flush=True)
     work = os.path.join(a.work, "demo")
     os.makedirs(work, exist_ok=True)
-    data = [f"data.data_dir={_data_dir(a.work)}", f"data.num_workers={a.workers}",
-            f"data.batch_size={a.batch}", "train.seed=13", "train.progress=False",
-            "train.log_every=50"]
-    if a.tokenizer_path:  # this machine's RefShapes tokenizer, so the model ships (README.md)
-        data.append(f"data.tokenizer_path={os.path.abspath(a.tokenizer_path)}")
+    data = _data_sets(a)
     pre = os.path.join(work, "pretrain")
     rc = _cli(["train", "--config", "configs/oneref/mrefm.py:tiny,recipe=paper", "--workdir", pre,
                "--overwrite", *set_args([*MODEL, *data, f"model.tokenizer_init={TOKENIZER}",
@@ -255,17 +253,10 @@ def demo(a: argparse.Namespace) -> None:
     steps = max(int(left * rate * 0.85) // 100 * 100, 100)
     steps = min(steps, a.max_transfer_steps)
     tr = os.path.join(work, "transfer")
-    every = max(steps // a.evals // 50 * 50, 50)
-    rc = _cli(["train", "--config", "configs/oneref/rec_res.py:tiny,task=res", "--workdir", tr,
-               "--overwrite", *set_args([*TRANSFER, *data, f"init={pre}",
-                                      f"train.total_steps={steps}", f"train.eval_every={every}",
-                                      "train.eval_max_batches=10", f"train.ckpt_every={every}"])],
-             os.path.join(work, "transfer.log"), deadline + a.slack_s - time.time())
+    rc = _transfer(a, tr, pre, steps, [], deadline + a.slack_s - time.time())
     print(f"[gpu] transfer rc={rc} {steps} steps, {(_rates(tr) or 0):.2f} steps/s, at "
           f"{time.time() - t_start:.0f} s", flush=True)
-    dst = os.path.join(a.work, "export", "oneref_demo")
-    if not os.path.exists(dst):
-        _cli(["export", "--workdir", tr, "--out", dst], os.path.join(work, "export.log"), 120)
+    dst = _export(tr, os.path.join(a.work, "export", "oneref_demo"), work)
     with open(os.path.join(work, "summary.json"), "w") as f:
         json.dump({"pretrain_steps": a.pretrain_steps, "transfer_steps": steps, "batch": a.batch,
                    "workers": a.workers, "pretrain_rate": rate, "transfer_rate": _rates(tr),
@@ -277,13 +268,77 @@ def demo(a: argparse.Namespace) -> None:
     print(f"[gpu] demo phase {time.time() - t_start:.0f} s", flush=True)
 
 
+def _data_sets(a: argparse.Namespace) -> list[str]:
+    """The data and logging overrides of every GPU training run: the machine's RefShapes, many
+    workers, a large batch, and (``--tokenizer_path``) the tokenizer of the machine the model
+    will ship from."""
+    data = [f"data.data_dir={_data_dir(a.work)}", f"data.num_workers={a.workers}",
+            f"data.batch_size={a.batch}", "train.seed=13", "train.progress=False",
+            "train.log_every=50"]
+    if a.tokenizer_path:
+        data.append(f"data.tokenizer_path={os.path.abspath(a.tokenizer_path)}")
+    return data
+
+
+# What an export ships with instead of the GPU machine's data settings (`refjax export --set`).
+PORTABLE = ("data.batch_size=32", "data.num_workers=0", "data.tokenizer_path=None")
+
+
+def _export(workdir: str, dst: str, logdir: str) -> str:
+    """A parameters-only export of ``workdir`` at ``dst`` (unless there), its config portable."""
+    if not os.path.exists(dst):
+        _cli(["export", "--workdir", workdir, "--out", dst, "--data-dir", "runs/demo/data",
+              *set_args(PORTABLE)], os.path.join(logdir, "export.log"), 120)
+    return dst
+
+
+def _transfer(a: argparse.Namespace, workdir: str, init: str, steps: int, extra: list[str],
+              timeout_s: float) -> int:
+    """The demo's REC+RES transfer from ``init`` on the GPU data settings (``_data_sets``),
+    ``--evals`` in-run val evaluations (10 batches) with a checkpoint at each; ``extra``
+    overrides last. Returns the CLI's exit code (-9: stopped at ``timeout_s``)."""
+    from refjax.demo import TRANSFER
+
+    every = max(steps // a.evals // 50 * 50, 50)
+    return _cli(["train", "--config", "configs/oneref/rec_res.py:tiny,task=res", "--workdir",
+                 workdir, "--overwrite",
+                 *set_args([*TRANSFER, *_data_sets(a), f"init={init}", *extra,
+                            f"train.total_steps={steps}", f"train.eval_every={every}",
+                            "train.eval_max_batches=10", f"train.ckpt_every={every}"])],
+                os.path.join(os.path.dirname(workdir), "transfer.log"), timeout_s)
+
+
+def cont(a: argparse.Namespace) -> None:
+    """Continue the demo's transfer from ``--init`` (an export of ``demo``): a fresh warm-up and
+    cosine at ``--lr`` for ``--steps`` steps with shuffle seed 14, the same data settings,
+    stopped after ``--budget_s`` (the last checkpoint stands); exported and tarred."""
+    t_start = time.time()
+    os.makedirs(a.out, exist_ok=True)
+    build = _start_build(a)
+    if build is not None:
+        build.wait()
+    work = os.path.join(a.work, "cont")
+    os.makedirs(work, exist_ok=True)
+    tr = os.path.join(work, "transfer")
+    rc = _transfer(a, tr, a.init, a.steps, [f"optim.lr={a.lr}", "train.seed=14"],
+                   t_start + a.budget_s - time.time())
+    print(f"[gpu] continued transfer rc={rc} (-9: stopped at the budget; the last checkpoint "
+          f"stands), {(_rates(tr) or 0):.2f} steps/s", flush=True)
+    dst = _export(tr, os.path.join(a.work, "export", "oneref_cont"), work)
+    # an orbax tree is too deep to come back from $OUT as files: tarballs
+    _tar(os.path.join(a.out, "cont.tgz"), [(work, "cont")], exclude_ckpt=True)
+    _tar(os.path.join(a.out, "export.tgz"), [(dst, "oneref_cont")], exclude_ckpt=False)
+    print(f"[gpu] continue phase {time.time() - t_start:.0f} s", flush=True)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("phase", choices=("probe", "demo"))
+    p.add_argument("phase", choices=("probe", "demo", "continue"))
     p.add_argument("--work", default=os.path.join(ROOT, "runs", "gpu"))
     p.add_argument("--out", required=True)
     p.add_argument("--calib_timeout_s", type=float, default=200)
-    p.add_argument("--budget_s", type=float, default=360, help="demo: end training by then")
+    p.add_argument("--budget_s", type=float, default=360,
+                   help="demo, continue: end training by then")
     p.add_argument("--slack_s", type=float, default=60, help="demo: grace for the transfer")
     p.add_argument("--only", default=None, help="comma list of job names (a local dry run)")
     p.add_argument("--smoke", action="store_true", help="accelerator check at smoke sizes")
@@ -292,13 +347,18 @@ def main() -> None:
     p.add_argument("--pretrain_steps", type=int, default=1000, help="demo: MRefM steps")
     p.add_argument("--max_transfer_steps", type=int, default=6000)
     p.add_argument("--fixed_s", type=float, default=60, help="demo: transfer compile + evals")
-    p.add_argument("--evals", type=int, default=3, help="demo: in-run val evaluations")
+    p.add_argument("--evals", type=int, default=3, help="in-run val evaluations")
+    p.add_argument("--init", default=None, help="continue: the export to continue from")
+    p.add_argument("--steps", type=int, default=2500, help="continue: transfer steps")
+    p.add_argument("--lr", type=float, default=5e-4, help="continue: peak learning rate")
     p.add_argument("--tokenizer_path", default=None,
                    help="demo: the BEiT-3 sentencepiece model to read the text with (carry the "
                         "one of the machine the model will ship from)")
     a = p.parse_args()
     a.work = os.path.abspath(a.work)
-    {"probe": probe, "demo": demo}[a.phase](a)
+    if a.phase == "continue" and not a.init:
+        p.error("continue needs --init (an export of the demo phase)")
+    {"probe": probe, "demo": demo, "continue": cont}[a.phase](a)
 
 
 if __name__ == "__main__":

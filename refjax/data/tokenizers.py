@@ -90,10 +90,17 @@ def pin_tokenizers(texts: Iterable[str], trained_dir: str, vocab_size: int = 100
     """Store the tokenizers trained on ``texts`` (``trained_dir``) as that corpus's pinned copy;
     returns its directory."""
     dst = os.path.join(pinned_dir, corpus_digest(texts, vocab_size)[:16])
-    os.makedirs(dst, exist_ok=True)
-    for name in (BEIT3_FILE, LLAMA_FILE):
-        shutil.copyfile(os.path.join(trained_dir, name), os.path.join(dst, name))
+    _copy_tokenizers(trained_dir, dst)
     return dst
+
+
+def _copy_tokenizers(src: str, dst: str) -> dict[str, str]:
+    os.makedirs(dst, exist_ok=True)
+    out = {}
+    for key, name in (("beit3", BEIT3_FILE), ("llama", LLAMA_FILE)):
+        out[key] = os.path.join(dst, name)
+        shutil.copyfile(os.path.join(src, name), out[key])
+    return out
 
 
 def train_tokenizers(texts: Iterable[str], out_dir: str, vocab_size: int = 1000,
@@ -111,13 +118,8 @@ def train_tokenizers(texts: Iterable[str], out_dir: str, vocab_size: int = 1000,
     if pinned_dir is not None:
         pinned = os.path.join(pinned_dir, corpus_digest(corpus, vocab_size)[:16])
         if all(os.path.isfile(os.path.join(pinned, n)) for n in (BEIT3_FILE, LLAMA_FILE)):
-            os.makedirs(out_dir, exist_ok=True)
-            out = {}
-            for key, name in (("beit3", BEIT3_FILE), ("llama", LLAMA_FILE)):
-                out[key] = os.path.join(out_dir, name)
-                shutil.copyfile(os.path.join(pinned, name), out[key])
             log.info("tokenizers: the pinned copy for this corpus (%s), not trained", pinned)
-            return out
+            return _copy_tokenizers(pinned, out_dir)
     # Each distinct word once more as its own sentence: on small, repetitive corpora spm's
     # unigram trainer otherwise drops common whole words ('▁the' -> '▁' 'the').
     corpus += sorted({w for t in corpus for w in t.split()})
