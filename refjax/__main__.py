@@ -61,6 +61,13 @@ def _export(args: argparse.Namespace) -> int:
     from refjax.train.trainer import export_params
 
     _require_workdir(args.workdir)
+    if args.official:
+        from refjax.convert.oneref import export_official_cli
+
+        if args.data_dir or args.set:
+            raise UserError("--official writes a state_dict: --data-dir and --set do not apply")
+        print(export_official_cli(args.workdir, args.out, args.step))
+        return 0
     out = export_params(args.workdir, args.out, args.step, data_dir=args.data_dir,
                         sets=args.set or ())
     print(f"wrote {out} (parameters only)")
@@ -298,7 +305,10 @@ def main(argv: list[str] | None = None) -> int:
 
     ex = sub.add_parser("export", help="a parameters-only copy of a run (e.g. to ship it)")
     ex.add_argument("--workdir", required=True)
-    ex.add_argument("--out", required=True, help="output directory (must not exist)")
+    ex.add_argument("--out", required=True, help="output directory (must not exist); with "
+                                                 "--official a .pth or .safetensors file")
+    ex.add_argument("--official", action="store_true",
+                    help="OneRef REC/RES or MRefM run: the official PyTorch state_dict layout")
     ex.add_argument("--step", type=int, default=None, help="default: best, else latest")
     ex.add_argument("--data-dir", default=None, help="data.data_dir written into its config")
     ex.add_argument("--set", action="append", metavar="KEY=VALUE",

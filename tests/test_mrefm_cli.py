@@ -7,9 +7,11 @@ import importlib.util
 import json
 import os
 import subprocess
+import sys
 
 import jax
 import numpy as np
+import pytest
 
 from refjax import masking
 from refjax.convert import oneref as conv
@@ -60,6 +62,15 @@ def test_pipeline_rows(refshapes_tiny_dir):  # noqa: F811
             assert not (changed & (batch["mlm_mask"][i] == 0)).any()
 
 
+def _assert_same_params(back: dict, params: dict) -> None:
+    """Every converted-back leaf equals the run's parameter of the same path."""
+    host = jax.device_get(params)
+    for (path, x), (_, y) in zip(jax.tree.leaves_with_path(back),
+                                 jax.tree.leaves_with_path({k: host[k] for k in back})):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y),
+                                      err_msg=jax.tree_util.keystr(path))
+
+
 def test_mrefm_then_transfer_through_the_cli(refshapes_tiny_dir, tmp_path):  # noqa: F811
     pre, rec = str(tmp_path / "mrefm"), str(tmp_path / "rec")
     args = tiny_train_args(refshapes_tiny_dir, pre, "train.total_steps=3", "train.ckpt_every=3",
@@ -87,7 +98,10 @@ def test_mrefm_then_transfer_through_the_cli(refshapes_tiny_dir, tmp_path):  # n
     # .pth needs torch (Python 3.11 CI); the same state_dict as .safetensors without it
     ext = ".pth" if importlib.util.find_spec("torch") else ".safetensors"
     pth = str(tmp_path / f"mrefm{ext}")
-    print(conv.export_mrefm_cli(pre, pth))
+    r = subprocess.run([sys.executable, "-m", "refjax", "export", "--workdir", pre, "--out", pth,
+                        "--official"], cwd=ROOT, env=env, capture_output=True, text=True,
+                       timeout=400)
+    assert r.returncode == 0 and "MRefM official layout" in r.stdout, r.stdout + r.stderr[-4000:]
     _, _, va, config = load_for_inference(pre)
     sd = load_state_dict(pth)
     assert {k.split(".")[0] for k in sd} == {"beit3", "vision_head", "language_head",
@@ -95,11 +109,7 @@ def test_mrefm_then_transfer_through_the_cli(refshapes_tiny_dir, tmp_path):  # n
                                              "bbox_embed", *MREFM_HEADS}
     back, report = conv.from_torch_mrefm(sd, backbone_config(config.model))
     assert not report.missing and not report.unexpected
-    host = jax.device_get(va["params"])
-    for (path, x), (_, y) in zip(jax.tree.leaves_with_path(back["params"]),
-                                 jax.tree.leaves_with_path({k: host[k] for k in back["params"]})):
-        np.testing.assert_array_equal(np.asarray(x), np.asarray(y),
-                                      err_msg=jax.tree_util.keystr(path))
+    _assert_same_params(back["params"], va["params"])
 
     # Transfer: REC from the MRefM workdir; lr 0 keeps the loaded backbone as it was.
     args = tiny_train_args(refshapes_tiny_dir, rec, "train.total_steps=1", "eval.splits=",
@@ -117,3 +127,16 @@ def test_mrefm_then_transfer_through_the_cli(refshapes_tiny_dir, tmp_path):  # n
         for (path, x), (_, y) in zip(la, lb):
             np.testing.assert_array_equal(np.asarray(x), np.asarray(y),
                                           err_msg=f"{name}{jax.tree_util.keystr(path)}")
+
+    # The REC run exports to BEiT3ForGrounding's keys (no MRefM heads) and converts back.
+    rec_sd = str(tmp_path / f"rec{ext}")
+    assert "OneRef REC official layout" in conv.export_official_cli(rec, rec_sd)
+    sd = load_state_dict(rec_sd)
+    assert not {k.split(".")[0] for k in sd} & set(MREFM_HEADS)
+    back, report = conv.from_torch(sd, backbone_config(load_for_inference(rec)[3].model))
+    assert not report.missing and not report.unexpected
+    _assert_same_params(back["params"], vb["params"])
+    with pytest.raises(FileExistsError):
+        conv.export_official_cli(rec, rec_sd)
+    with pytest.raises(conv.ConversionError, match="pth or .safetensors"):
+        conv.export_official_cli(rec, str(tmp_path / "rec.npz"))

@@ -14,7 +14,8 @@ OneRef heads + the four MRefM heads) convert in full with ``from_torch_mrefm`` (
 ``refjax.models.mrefm.MRefM``; the VQ-KD tokenizer is not in the file: it is the task's
 ``model.tokenizer_init``) and export back with ``to_torch_mrefm``; ``convert_mrefm`` /
 ``convert_mrefm_cli`` write the refjax checkpoint (meta ``model: "mrefm"``), and
-``export_mrefm_cli`` writes a train workdir's MRefM model as an official-layout state_dict.
+``export_official_cli`` (``python -m refjax export --official``) writes a train workdir's
+REC/RES or MRefM model as an official-layout state_dict.
 """
 
 from __future__ import annotations
@@ -330,27 +331,37 @@ def convert_mrefm_cli(
     return convert_mrefm(sd, cfg, output, source=input_path)
 
 
-def export_mrefm_cli(workdir: str, output: str, step: int | None = None) -> str:
-    """Write an MRefM train workdir's model (best, else latest checkpoint, or ``step``) as an
-    official-layout state_dict: ``{'model': state_dict}`` via ``torch.save`` for ``.pth``,
-    else a flat ``.safetensors``. Returns a summary line."""
+def export_official_cli(workdir: str, output: str, step: int | None = None) -> str:
+    """Write a OneRef train workdir's model (best, else latest checkpoint, or ``step``) as an
+    official-layout state_dict: a REC/RES run as ``BEiT3ForGrounding`` keys, an MRefM run with
+    the four MRefM heads as well (its k-means/VQ-KD tokenizer is not part of it).
+    ``{'model': state_dict}`` via ``torch.save`` for ``.pth``, else a flat ``.safetensors``.
+    Returns a summary line. ``python -m refjax export --workdir W --out X.pth --official``."""
     from refjax.convert.common import save_safetensors
     from refjax.tasks.oneref import backbone_config
     from refjax.train.trainer import load_for_inference
 
-    task, _, variables, config = load_for_inference(workdir, step)
-    if task.name != "mrefm":
-        raise ConversionError(f"{workdir} is a {task.name!r} run, not an MRefM run")
     if os.path.exists(output):
         raise FileExistsError(f"{output} exists; remove it or choose another output")
+    if not output.endswith((".pth", ".safetensors")):
+        raise ConversionError(f"official export writes .pth or .safetensors, not {output!r}")
+    task, _, variables, config = load_for_inference(workdir, step)
+    if task.name not in ("rec", "res", "mrefm"):
+        raise ConversionError(f"{workdir} is a {task.name!r} run; the official OneRef layout "
+                              "holds rec, res and mrefm runs")
     cfg = backbone_config(config.model)
     host = jax.device_get(variables)
-    sd = to_torch_mrefm({"params": host["params"], "batch_stats": host.get("batch_stats")},
-                        cfg, bool(config.model.use_seg_head))
+    host = {"params": host["params"], "batch_stats": host.get("batch_stats")}
+    seg = bool(config.model.use_seg_head)
+    if task.name == "mrefm":
+        sd, kind = to_torch_mrefm(host, cfg, seg), "MRefM"
+    else:
+        sd, kind = to_torch(host, cfg, seg), "OneRef " + ("REC+RES" if seg else "REC")
     if output.endswith(".pth"):
         import torch
 
         torch.save({"model": {k: torch.from_numpy(np.array(v)) for k, v in sd.items()}}, output)
     else:
         save_safetensors(output, sd)
-    return f"wrote {output} ({len(sd)} tensors, MRefM official layout)"
+    return f"wrote {output} ({len(sd)} tensors, {kind} official layout)"
+
