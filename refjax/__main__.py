@@ -17,7 +17,8 @@ def _build_data(args: argparse.Namespace) -> int:
     from refjax.data.build import build_dataset
 
     path = build_dataset(args.name, args.config, args.data_dir, args.manual_dir,
-                         skip_bad_records=args.skip_bad_records, span_parser=args.span_parser)
+                         skip_bad_records=args.skip_bad_records, span_parser=args.span_parser,
+                         sts_scores=args.sts_scores)
     print(f"built {args.name} into {path}")
     return 0
 
@@ -231,6 +232,9 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--span-parser", default="auto", choices=("auto", "spacy", "rules", "none"),
                    help="subject/object words of real data (auto: spaCy when installed with "
                         "an English model, else the documented rules; reported at build time)")
+    b.add_argument("--sts-scores", default=None, metavar="SCORES.json",
+                   help="real data: {expression id: [score per word]} for MRefM's STS label "
+                        "(the paper's CLIP similarities, computed elsewhere)")
     b.set_defaults(fn=_build_data)
 
     c = sub.add_parser("convert", help="convert a PyTorch checkpoint to an Orbax checkpoint")

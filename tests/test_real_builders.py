@@ -189,7 +189,7 @@ def test_refcoco_plus_layout_and_get_builder(tmp_path):
     fx = rf.write_refcoco(tmp_path / "raw", dataset="refcoco+")
     path = build.build_dataset("refcoco+", None, tmp_path / "data", fx.root)
     version = str(cc.SceneBuilder.VERSION)
-    assert version == "1.2.0"
+    assert version == "1.3.0"
     assert path == str(tmp_path / "data" / "refcoco_plus" / "unc" / version)
     assert refcoco.BUILDERS["refcoco+"].name == "refcoco_plus"
     b = tfds.builder_from_directory(path)

@@ -49,11 +49,13 @@ def get_builder(
     *,
     skip_bad_records: bool = False,
     span_parser: str = "auto",
+    sts_scores: str | os.PathLike | None = None,
 ) -> Any:
     """The tfds builder of real dataset ``name`` (a ``BUILDERS`` entry of its module).
 
     ``span_parser`` picks the subject/object word parser of builders that store word spans
-    (``refjax.data.subject_object``: auto | spacy | rules | none).
+    (``refjax.data.subject_object``: auto | spacy | rules | none); ``sts_scores``: the
+    optional JSON side file of per-word STS scores (``coco_common.load_word_scores``).
 
     ``config``: the builder config (None: the builder's first, e.g. refcoco ``unc``); datasets
     without configs (maskgroups_hq) refuse one. ``manual_dir`` holds the raw files. The builder
@@ -73,6 +75,7 @@ def get_builder(
         manual_dir=manual_dir,
         skip_bad_records=skip_bad_records,
         span_parser=span_parser,
+        sts_scores=sts_scores,
         file_format="array_record",
     )
 
@@ -84,6 +87,7 @@ def build_dataset(
     manual_dir: str | os.PathLike | None = None,
     skip_bad_records: bool = False,
     span_parser: str = "auto",
+    sts_scores: str | os.PathLike | None = None,
 ) -> str:
     """Prepare dataset ``name`` (config ``config``) under ``data_dir``; return its version dir.
 
@@ -102,9 +106,13 @@ def build_dataset(
     module = _import_builder(name)
     if hasattr(module, "BUILDERS"):
         builder = get_builder(name, config, data_dir, manual_dir,
-                              skip_bad_records=skip_bad_records, span_parser=span_parser)
+                              skip_bad_records=skip_bad_records, span_parser=span_parser,
+                              sts_scores=sts_scores)
         builder.download_and_prepare()
         return str(builder.data_path)
+    if sts_scores is not None:
+        raise ValueError(f"{name} takes no sts_scores file: its STS labels come from its word "
+                         "spans (refjax.tasks.mrefm)")
     full = f"{name}/{config}" if config else name
     builder = tfds.builder(full, data_dir=os.fspath(data_dir), file_format="array_record")
     dl_config = tfds.download.DownloadConfig(manual_dir=manual_dir)

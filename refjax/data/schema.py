@@ -35,6 +35,14 @@ Record fields (what ``scene_features()`` declares):
 - ``pool_ioa`` (Sequence float32): row-major ``[num_expressions, num_pool]`` IoA of each
   candidate against the union of the expression's targets (labels: IoA >= 0.5).
 - ``caption`` (str): one scene caption ('' when absent).
+- ``expr_word_scores`` (Sequence float32; real-data builders from version 1.3.0, absent in
+  RefShapes): per-word scores for MRefM's semantic target-relation label (spec oneref.md 3.6;
+  the paper's CLIP similarities), flat over the scene's expressions in order, one value per
+  whitespace-separated word of ``text``. Either empty (no expression of the scene has scores)
+  or exactly as long as all the expressions' words together; an expression without scores
+  holds NaN for each of its words. Builders fill it from an optional side file
+  (``sts_scores``: ``{expression id: [score per word]}``); ``metadata.json`` names the file and
+  counts the scored expressions per split under ``sts_scores``.
 """
 
 from __future__ import annotations
@@ -49,11 +57,13 @@ NO_SPAN = (-1, -1)
 POSITIVE_IOA = 0.5
 
 
-def scene_features() -> Any:
-    """The tfds FeaturesDict of a scene record (see module docstring)."""
+def scene_features(word_scores: bool = False) -> Any:
+    """The tfds FeaturesDict of a scene record (see module docstring); ``word_scores`` adds
+    ``expr_word_scores`` (the real-data builders)."""
     import tensorflow_datasets as tfds
 
     png = dict(encoding_format="png")
+    extra = {"expr_word_scores": tfds.features.Sequence(np.float32)} if word_scores else {}
     return tfds.features.FeaturesDict(
         {
             "image/id": tfds.features.Text(),
@@ -93,5 +103,12 @@ def scene_features() -> Any:
             ),
             "pool_ioa": tfds.features.Sequence(np.float32),
             "caption": tfds.features.Text(),
+            **extra,
         }
     )
+
+
+def word_count(text: str) -> int:
+    """The number of whitespace-separated words of an expression's text (the unit of spans and
+    of ``expr_word_scores``)."""
+    return len(text.split())

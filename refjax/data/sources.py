@@ -11,7 +11,8 @@ Scene dict (what ``decode_scene`` returns)::
     categories: list[str]      object_ids: int64 (K,)
     expressions: list of {id: str, text: str, raw: str, kind: str, targets: int32 (T,),
                           refs: int32 (R,), subject_span: (int, int),
-                          object_span: (int, int)}   # [start, end)
+                          object_span: (int, int),   # [start, end)
+                          [sts_word_scores: float32 (words,)]}  # only where the record has them
     pool_masks: uint8 (P, H, W)   pool_sources: list[str]   pool_ioa: float32 (E, P)
     caption: str
 """
@@ -145,6 +146,7 @@ def decode_scene(record: dict, with_pool: bool = True) -> dict:
                 "object_span": (int(obj_span[0]), int(obj_span[1])),
             }
         )
+    _attach_word_scores(record.get("expr_word_scores", ()), expressions, rid)
     pool = record.get("pool", {}) if with_pool else {}
     pool_masks = _mask_stack(pool.get("mask"), h, w, rid, "pool/mask")
     ioa = np.asarray(record.get("pool_ioa", []) if with_pool else [], np.float32).reshape(-1)
@@ -167,6 +169,28 @@ def decode_scene(record: dict, with_pool: bool = True) -> dict:
         "pool_ioa": ioa.reshape(len(expressions), len(pool_masks)),
         "caption": _str(record.get("caption", "")),
     }
+
+
+def _attach_word_scores(flat: Any, expressions: list[dict], rid: str) -> None:
+    """Split a record's ``expr_word_scores`` (schema) into each scored expression's
+    ``sts_word_scores``; an expression whose words are all NaN has none."""
+    flat = np.asarray(flat, np.float32).reshape(-1)
+    if not flat.size:
+        return
+    counts = [schema.word_count(e["text"]) for e in expressions]
+    if flat.size != sum(counts):
+        raise BadRecordError(rid, "expr_word_scores",
+                             f"{flat.size} scores for the {sum(counts)} words of "
+                             f"{len(expressions)} expressions")
+    start = 0
+    for e, n in zip(expressions, counts):
+        scores, start = flat[start : start + n], start + n
+        nan = np.isnan(scores)
+        if nan.all():
+            continue
+        if nan.any():
+            raise BadRecordError(e["id"], "expr_word_scores", "scores for only some words")
+        e["sts_word_scores"] = scores
 
 
 def _version_key(v: str) -> tuple[int, ...]:

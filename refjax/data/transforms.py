@@ -106,7 +106,8 @@ def expand(scene: dict, expr_idx: int) -> Example:
     with case and punctuation, where the dataset stores it); caption (the scene's); expr_pos
     (the expression's index in the scene); kind (int);
     num_targets; ref_masks (R,H,W); pool_masks (P,H,W); pool_ioa (P,); subject_span,
-    object_span int32 (2,); record_id, expr_id. Bad input raises ``BadRecordError``.
+    object_span int32 (2,); record_id, expr_id; sts_word_scores float32 (words,) only where the
+    expression has them. Bad input raises ``BadRecordError``.
     """
     rid = str(scene.get("image_id", "?"))
     img = _check_image(scene, rid)
@@ -147,7 +148,7 @@ def expand(scene: dict, expr_idx: int) -> Example:
     pool_ioa = ioa[expr_idx] if ioa.ndim == 2 and len(ioa) > expr_idx else np.zeros(len(pool))
     if len(pool_ioa) != len(pool):
         raise BadRecordError(rid, "pool_ioa", f"{len(pool_ioa)} IoA values for {len(pool)} masks")
-    return {
+    out = {
         "record_id": rid,
         "expr_id": str(ex.get("id", expr_idx)),
         "image": img,
@@ -165,6 +166,9 @@ def expand(scene: dict, expr_idx: int) -> Example:
         "subject_span": np.asarray(ex.get("subject_span", (-1, -1)), np.int32),
         "object_span": np.asarray(ex.get("object_span", (-1, -1)), np.int32),
     }
+    if ex.get("sts_word_scores") is not None:  # real data with STS scores (schema)
+        out["sts_word_scores"] = np.asarray(ex["sts_word_scores"], np.float32)
+    return out
 
 
 # ----------------------------------------------------------------------------- geometry

@@ -44,7 +44,7 @@ from refjax.boxes import box_problem, mask_ioa, xywh_to_xyxy, xyxy_to_xywh
 from refjax.data import subject_object
 from refjax.data.errors import BadRecordError
 from refjax.data.images import encode_png
-from refjax.data.schema import EXPRESSIONS_PER_RECORD, NO_SPAN, scene_features
+from refjax.data.schema import EXPRESSIONS_PER_RECORD, NO_SPAN, scene_features, word_count
 
 _log = pylogging.getLogger(__name__)
 
@@ -52,6 +52,8 @@ _log = pylogging.getLogger(__name__)
 SKIPPED_BAD_RECORDS = "skipped_bad_records"
 # metadata.json key: the parser of the expressions' subject/object spans ("none": not parsed).
 SPAN_PARSER = "span_parser"
+# metadata.json key: the STS word-score side file and, per split, how many expressions it scored.
+STS_SCORES = "sts_scores"
 # Skipped inputs listed by name in an EmptySplitError (the rest are counted).
 MAX_LISTED_SKIPS = 20
 # Split order of the refer/grefer annotation files; other split names follow, sorted.
@@ -438,7 +440,34 @@ def scene_record(
         "pool": [{"mask": encode_png(m), "source": pool_source} for m in pool],
         "pool_ioa": pool_ioa.reshape(-1),
         "caption": caption,
+        "expr_word_scores": np.zeros(0, np.float32),  # filled by SceneBuilder from sts_scores
     }
+
+
+def load_word_scores(path: Path) -> dict[str, list[float]]:
+    """The STS word-score side file: a JSON object ``{expression id: [one finite float per
+    whitespace-separated word of the expression's text]}`` (the paper's CLIP word-to-target
+    similarities, computed elsewhere). A malformed file is an error naming the file and key."""
+    if not path.is_file():
+        raise FileNotFoundError(f"sts_scores file {path} does not exist")
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise BadRecordError(str(path), "sts_scores", f"not JSON: {e}") from e
+    if not isinstance(data, dict):
+        raise BadRecordError(str(path), "sts_scores",
+                             f"expected an object {{expression id: [scores]}}, got "
+                             f"{type(data).__name__}")
+    out = {}
+    for key, scores in data.items():
+        ok = isinstance(scores, list) and all(
+            isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+            for x in scores)
+        if not ok:
+            raise BadRecordError(f"{path}:{key}", "sts_scores",
+                                 "expected a list of finite numbers, one per word")
+        out[str(key)] = [float(x) for x in scores]
+    return out
 
 
 # ----------------------------------------------------------------------------- base builder
@@ -452,16 +481,20 @@ class SceneBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     ``PARSES_SPANS``: ``auto`` [default: spaCy when it and an English model are installed,
     else the rule-based fallback], ``spacy``, ``rules`` or ``none``; see
     ``refjax.data.subject_object``; the parser used is logged and stored in ``metadata.json``
-    under ``span_parser``). They are constructor arguments rather than BuilderConfig fields
+    under ``span_parser``), and ``sts_scores`` (a JSON side file ``{expression id: [score per
+    word]}`` filling the records' ``expr_word_scores``, MRefM's STS label; ``load_word_scores``).
+    They are constructor arguments rather than BuilderConfig fields
     because tfds refuses a custom config named like a registered one.
     """
 
-    VERSION = tfds.core.Version("1.2.0")
+    VERSION = tfds.core.Version("1.3.0")
     RELEASE_NOTES = {
         "1.0.0": "Scene records (refjax.data.schema).",
         "1.1.0": "Expressions keep the raw sentence (field 'raw') beside the normalised text.",
         "1.2.0": "Subject/object word spans parsed from the text (refjax.data.subject_object; "
         "metadata 'span_parser' names the parser).",
+        "1.3.0": "Per-word STS scores ('expr_word_scores') from an optional side file "
+        "(sts_scores); metadata 'sts_scores' names it and counts the scored expressions.",
     }
     HOMEPAGE = ""
     DESCRIPTION = ""
@@ -476,9 +509,12 @@ class SceneBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
         manual_dir: str | os.PathLike | None = None,
         skip_bad_records: bool = False,
         span_parser: str = "auto",
+        sts_scores: str | os.PathLike | None = None,
         **kwargs: Any,
     ):
         self.skip_bad_records = bool(skip_bad_records)
+        self.sts_scores_path = None if sts_scores is None else Path(sts_scores)
+        self._word_scores: dict[str, list[float]] | None = None
         self._raw_dir = Path(manual_dir) if manual_dir is not None else None
         if span_parser not in subject_object.PARSERS:
             raise ValueError(f"unknown span_parser {span_parser!r}; one of "
@@ -519,7 +555,7 @@ class SceneBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
         return tfds.core.DatasetInfo(
             builder=self,
             description=self.DESCRIPTION,
-            features=scene_features(),
+            features=scene_features(word_scores=True),
             homepage=self.HOMEPAGE,
             disable_shuffling=True,
             metadata=tfds.core.MetadataDict(),
@@ -528,21 +564,53 @@ class SceneBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     def _split_generators(self, dl_manager):
         root = self._raw_dir if self._raw_dir is not None else Path(dl_manager.manual_dir)
         self.info.metadata[SPAN_PARSER] = self.span_parser_name
+        if self.sts_scores_path is not None:
+            self._word_scores = load_word_scores(self.sts_scores_path)
+        self.info.metadata[STS_SCORES] = {
+            "file": self.sts_scores_path.name if self.sts_scores_path is not None else "none"}
         work = self._load(root)
         return {split: self._generate_examples(split, items) for split, items in work.items()}
 
     def _generate_examples(self, split: str, items: Sequence[Any]):
         policy = BadRecordPolicy(self.skip_bad_records, self.SKIP_UNITS)
-        counts = []
+        counts, scored = [], 0
         for key, record in self._scenes(items, policy):
             counts.append(len(record["expressions"]))
+            scored += self._attach_word_scores(record)
             yield key, record
         if not counts:  # tfds would fail on the empty split without saying why
             raise EmptySplitError(self.name, split, policy.summary(), policy.skipped)
         self.info.metadata.setdefault(EXPRESSIONS_PER_RECORD, {})[split] = counts
+        self.info.metadata[STS_SCORES][split] = scored
+        if self._word_scores is not None:
+            _log.info("%s split %s: %d of %d expressions have STS word scores", self.name, split,
+                      scored, sum(counts))
         self.info.metadata.setdefault(SKIPPED_BAD_RECORDS, {})[split] = policy.summary()
         if sum(policy.counts.values()):
             logging.warning("%s split %s: skipped bad input %s", self.name, split, policy.summary())
+
+    def _attach_word_scores(self, record: dict[str, Any]) -> int:
+        """Fill ``expr_word_scores`` of a scene record from the side file (schema); returns how
+        many of its expressions have scores."""
+        if not self._word_scores:
+            return 0
+        flat, scored = [], 0
+        for e in record["expressions"]:
+            n = word_count(e["text"])
+            scores = self._word_scores.get(e["id"])
+            if scores is None:
+                flat.append(np.full(n, np.nan, np.float32))
+                continue
+            if len(scores) != n:
+                raise BadRecordError(
+                    f"expression {e['id']}", "sts_word_scores",
+                    f"{len(scores)} scores in {self.sts_scores_path} for the {n} words of "
+                    f"{e['text']!r}")
+            flat.append(np.asarray(scores, np.float32))
+            scored += 1
+        if scored:
+            record["expr_word_scores"] = np.concatenate(flat) if flat else np.zeros(0, np.float32)
+        return scored
 
     @abc.abstractmethod
     def _load(self, root: Path) -> dict[str, list[Any]]:
