@@ -3,7 +3,9 @@
     python experiments/mrefm_ablation/report.py OUT [--png OUT/curve.png]
 
 Prints a Markdown table (per arm: pretraining/transfer steps, CPU minutes, val/testA/testB
-Acc@0.5 and mIoU) and draws val mIoU against transfer step for every arm (PIL only).
+Acc@0.5 and mIoU), the in-run val curve as a table (Acc@0.5 / mIoU at each evaluated transfer
+step, with the number of expressions those evaluations covered) and each arm's CPU minutes per
+phase, and draws val mIoU against transfer step for every arm (PIL only).
 """
 
 from __future__ import annotations
@@ -40,6 +42,31 @@ def table(results: dict[str, dict]) -> str:
         lines.append(f"| {arm} {r['name']} | {r['pretrain_steps']} | {r['transfer_steps']} | "
                      f"{r['cpu_total_s'] / 60:.1f} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def curve_table(results: dict[str, dict]) -> str:
+    """In-run val Acc@0.5 / mIoU (%) per evaluated transfer step (rows) and arm (columns)."""
+    steps = sorted({c["step"] for r in results.values() for c in r["curve"] if "val/miou" in c})
+    counts = sorted({int(c["val/count"]) for r in results.values() for c in r["curve"]
+                     if "val/count" in c})
+    lines = ["| transfer step | " + " | ".join(f"{a} {r['name']}" for a, r in results.items())
+             + " |", "|" + "---|" * (1 + len(results))]
+    for step in steps:
+        cells = []
+        for r in results.values():
+            c = next((c for c in r["curve"] if c["step"] == step and "val/miou" in c), None)
+            cells.append("" if c is None else
+                         f"{100 * c['val/acc@0.5']:.1f} / {100 * c['val/miou']:.1f}")
+        lines.append(f"| {step} | " + " | ".join(cells) + " |")
+    lines.append(f"\n(in-run evaluations over {', '.join(map(str, counts))} val expressions)")
+    return "\n".join(lines)
+
+
+def cpu_lines(results: dict[str, dict]) -> str:
+    """CPU minutes of each arm's phases."""
+    return "\n".join(
+        f"{a} {r['name']}: " + ", ".join(f"{k} {v / 60:.1f}" for k, v in r["cpu_s"].items())
+        + f" CPU-min (total {r['cpu_total_s'] / 60:.1f})" for a, r in results.items())
 
 
 def curve_png(results: dict[str, dict], path: str, key: str = "val/miou") -> None:
@@ -86,6 +113,10 @@ def main() -> None:
     if not results:
         raise SystemExit(f"no OUT/<arm>/result.json under {a.out}")
     print(table(results))
+    print()
+    print(curve_table(results))
+    print()
+    print(cpu_lines(results))
     curve_png(results, a.png or os.path.join(a.out, "curve.png"))
 
 
