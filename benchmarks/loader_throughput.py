@@ -1,7 +1,8 @@
-"""Host loader throughput (examples/s) of the rec/res train pipelines on RefShapes.
+"""Host loader throughput (examples/s) of the rec/res/mrefm train pipelines on RefShapes.
 
     python benchmarks/loader_throughput.py --data_dir /tmp/refshapes_data [--config tiny]
-        [--sizes 128,384] [--workers 0,2] [--batches 20] [--batch_size 32]
+        [--tasks rec,res,mrefm] [--sizes 128,384] [--workers 0,2] [--batches 20]
+        [--batch_size 32]
 
 Builds the RefShapes config into ``--data_dir`` if absent. Each cell times ``--batches``
 batches after one warm-up batch (worker start-up and tokenizer loading excluded).
@@ -22,7 +23,8 @@ def measure(
     from refjax.tasks import get_task
     from refjax.train.config import apply_overrides, load_config
 
-    cfg = load_config(f"configs/oneref/rec_res.py:tiny,task={task}")
+    spec = "mrefm.py:tiny" if task == "mrefm" else f"rec_res.py:tiny,task={task}"
+    cfg = load_config(f"configs/oneref/{spec}")
     apply_overrides(cfg, [f"data.dataset_config={config}", f"data.data_dir={data_dir}",
                           f"model.img_size={size}", f"data.batch_size={bs}",
                           f"data.num_workers={workers}"])

@@ -3,6 +3,8 @@
 ``open_scenes(name, split, data_dir, config)`` opens ``<data_dir>/<name>/<config>/<version>``
 (the newest version) without importing the builder module. ``SceneSource[i]`` decodes a record
 with :func:`decode_scene`, which is pure so grain workers can run it on ``SceneSource.raw``.
+``raw`` keeps every image and mask PNG-encoded; the pipeline reads scenes with ``lazy=True``
+and decodes only the image and masks of an expression its task uses.
 
 Scene dict (what ``decode_scene`` returns)::
 
@@ -29,7 +31,7 @@ import numpy as np
 from refjax import boxes as box_ops
 from refjax.data import schema
 from refjax.data.errors import BadRecordError
-from refjax.data.images import decode_image
+from refjax.data.images import LazyImage, LazyMasks, decode_image, decode_mask
 
 
 class _NoOpenCVNotice(logging.Filter):
@@ -50,12 +52,18 @@ def _strs(v: Any) -> list[str]:
     return [_str(x) for x in (v if v is not None else [])]
 
 
-def _mask_stack(values: Any, h: int, w: int, rid: str, field: str) -> np.ndarray:
-    """Masks (decoded arrays or PNG bytes) -> uint8 (N, H, W) 0/1, checking every size."""
+def _mask_stack(
+    values: Any, h: int, w: int, rid: str, field: str, lazy: bool = False
+) -> np.ndarray | LazyMasks:
+    """Masks (decoded arrays or PNG bytes) -> uint8 (N, H, W) 0/1, checking every size;
+    ``lazy`` and all PNG bytes: a ``LazyMasks`` that decodes and checks each when used."""
+    values = list(values) if values is not None else []
+    if lazy and values and all(isinstance(m, (bytes, np.bytes_)) for m in values):
+        return LazyMasks(values, h, w, rid, field)
     out = []
-    for j, m in enumerate(values if values is not None else []):
+    for j, m in enumerate(values):
         if isinstance(m, (bytes, np.bytes_)):
-            m = decode_image(bytes(m), rid, f"{field}[{j}]")[..., 0]
+            m = decode_mask(bytes(m), rid, f"{field}[{j}]")
         m = np.asarray(m)
         if m.ndim == 3 and m.shape[-1] == 1:
             m = m[..., 0]
@@ -84,31 +92,39 @@ def _indices(flat: np.ndarray, start: int, count: int, k: int, rid: str, field: 
     return idx
 
 
-def decode_scene(record: dict, with_pool: bool = True) -> dict:
+def decode_scene(record: dict, with_pool: bool = True, lazy: bool = False) -> dict:
     """A schema record (as tfds decodes it, or with PNG bytes) -> the scene dict above.
 
     ``with_pool=False`` skips the candidate pool (its masks are most of a scene's PNGs and only
     RAS reads them): ``pool_masks`` is then ``(0, H, W)``, ``pool_sources`` empty and
     ``pool_ioa`` ``(E, 0)``.
 
+    ``lazy``: an encoded image of declared size becomes a ``LazyImage`` and encoded object masks
+    a ``LazyMasks``, decoded (and their sizes checked) only when an example uses them; the
+    pipeline reads each expression this way and decodes only its image and its own masks.
+
     Raises ``BadRecordError`` naming the record id and field for unreadable images, masks of the
     wrong size, degenerate boxes, empty texts, and inconsistent index lists.
     """
     rid = _str(record.get("image/id", "?"))
     image = record.get("image")
-    if isinstance(image, (bytes, np.bytes_)):
-        image = decode_image(bytes(image), rid, "image")
-    image = np.asarray(image)
-    if image.ndim != 3 or image.shape[-1] != 3 or image.dtype != np.uint8:
-        raise BadRecordError(rid, "image", f"expected uint8 (H, W, 3), got {image.shape}")
+    declared = ("image/height" in record and "image/width" in record)
+    if lazy and declared and isinstance(image, (bytes, np.bytes_)):
+        image = LazyImage(image, int(record["image/height"]), int(record["image/width"]), rid)
+    else:
+        if isinstance(image, (bytes, np.bytes_)):
+            image = decode_image(bytes(image), rid, "image")
+        image = np.asarray(image)
+        if image.ndim != 3 or image.shape[-1] != 3 or image.dtype != np.uint8:
+            raise BadRecordError(rid, "image", f"expected uint8 (H, W, 3), got {image.shape}")
+        if declared and (int(record["image/height"]), int(record["image/width"])) != (
+            image.shape[:2]
+        ):
+            raise BadRecordError(rid, "image/height",
+                                 f"declared size != decoded size {image.shape[:2]}")
     h, w = image.shape[:2]
-    if "image/height" in record and (int(record["image/height"]), int(record["image/width"])) != (
-        h,
-        w,
-    ):
-        raise BadRecordError(rid, "image/height", f"declared size != decoded size {(h, w)}")
     obj = record.get("objects", {})
-    masks = _mask_stack(obj.get("mask"), h, w, rid, "objects/mask")
+    masks = _mask_stack(obj.get("mask"), h, w, rid, "objects/mask", lazy)
     boxes = _boxes_xyxy(obj.get("box", np.zeros((0, 4))), h, w, rid)
     k = len(masks)
     if len(boxes) != k:
@@ -241,6 +257,22 @@ class _PngBytes:
         return x
 
 
+def _encoded_images(features: Any) -> dict | None:
+    """tfds decoders that keep every Image feature of a scene schema (``image``,
+    ``objects/mask``, ``pool/mask``) as its encoded bytes; None when there is none."""
+    from tensorflow_datasets.core.features import Image
+
+    out: dict[str, Any] = {}
+    for key, sub in (("image", None), ("objects", "mask"), ("pool", "mask")):
+        try:
+            feature = features[key] if sub is None else features[key][sub]
+        except (KeyError, TypeError):
+            continue
+        if isinstance(feature, Image):
+            out[key] = _PngBytes() if sub is None else {sub: _PngBytes()}
+    return out or None
+
+
 class SceneSource:
     """Random-access decoded scenes of one split (``len``, ``[i]``) plus expression indexing."""
 
@@ -250,14 +282,11 @@ class SceneSource:
         self.path = path
         self.split = split
         builder = tfds.builder_from_directory(path)
-        # Candidate-pool masks stay PNG bytes until decode_scene needs them (only RAS does):
-        # they are most of a scene's PNGs, and tfds would otherwise decode them all eagerly.
-        try:
-            builder.info.features["pool"]["mask"]
-            lazy = {"pool": {"mask": _PngBytes()}}
-        except (KeyError, TypeError):
-            lazy = None
-        self.raw = builder.as_data_source(split=split, decoders=lazy)
+        # Every image and mask stays encoded until decode_scene needs it: tfds would otherwise
+        # decode all of a scene's PNGs eagerly, candidate-pool masks (only RAS reads them) and
+        # object masks an expression does not use included.
+        self.raw = builder.as_data_source(split=split,
+                                          decoders=_encoded_images(builder.info.features))
         self._counts: np.ndarray | None = None
 
     def __len__(self) -> int:
@@ -266,11 +295,12 @@ class SceneSource:
     def __getitem__(self, i: int) -> dict:
         return self.scene(i)
 
-    def scene(self, i: int, with_pool: bool = True) -> dict:
-        """Record ``i`` decoded (``with_pool=False``: without the candidate pool)."""
+    def scene(self, i: int, with_pool: bool = True, lazy: bool = False) -> dict:
+        """Record ``i`` decoded (``with_pool=False``: without the candidate pool; ``lazy``:
+        image and object masks decoded when used, ``decode_scene``)."""
         if not -len(self) <= i < len(self):
             raise IndexError(f"record {i} out of range for {len(self)} records")
-        return decode_scene(self.raw[i % len(self)], with_pool)
+        return decode_scene(self.raw[i % len(self)], with_pool, lazy)
 
     def expressions_per_record(self) -> np.ndarray:
         """int32 (N,): expressions in each record, from ``metadata.json`` (no decoding)."""

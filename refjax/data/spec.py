@@ -54,6 +54,12 @@ class DataTask:
         """Whether the task uses this expression (others: dropped in train, ``valid=0`` in eval)."""
         return True
 
+    def eligible_counts(self, num_targets: int, num_refs: int) -> bool | None:
+        """``eligible`` decided from the expression's target and reference-mask counts alone,
+        before any pixel is decoded (the pipeline then skips an unused example's image); None
+        where only the whole example can decide. Must agree with ``eligible``."""
+        return None
+
     def prepare(self, ex: Example) -> Example:
         """Hook on the original-pixel example before the geometric transform."""
         return ex

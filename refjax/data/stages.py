@@ -21,6 +21,7 @@ from absl import logging
 from refjax import masking
 from refjax.data import transforms as tf
 from refjax.data.errors import BadRecordError
+from refjax.data.sources import SceneSource
 from refjax.data.spec import DataTask
 
 BAD = "_bad"  # sentinel key: a skipped bad record
@@ -74,8 +75,17 @@ class Expand(_Guarded, grain.transforms.Map):
     def _apply(self, item: tuple[int, int, int]) -> tf.Example:
         i, rec, e = item
         keep_pool = self.task.keep_pool
-        scene_fn = getattr(self.source, "scene", None)
-        scene = scene_fn(rec, with_pool=keep_pool) if scene_fn else self.source[rec]
+        if isinstance(self.source, SceneSource):
+            # Pixels decoded only for a used expression, and only the masks it names.
+            scene = self.source.scene(rec, with_pool=keep_pool, lazy=True)
+            exprs = scene["expressions"]
+            if 0 <= e < len(exprs):
+                x = exprs[e]
+                if self.task.eligible_counts(len(x["targets"]), len(x["refs"])) is False:
+                    return {DROP: 1, "expr_index": i}
+        else:
+            scene_fn = getattr(self.source, "scene", None)
+            scene = scene_fn(rec, with_pool=keep_pool) if scene_fn else self.source[rec]
         ex = tf.expand(scene, e)
         if not self.task.eligible(ex):
             return {DROP: 1, "expr_index": i}

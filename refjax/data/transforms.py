@@ -25,6 +25,7 @@ from PIL import Image, ImageEnhance
 
 from refjax import boxes as bx
 from refjax.data.errors import BadRecordError
+from refjax.data.images import LazyMasks
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -77,7 +78,13 @@ def _check_image(scene: dict, rid: str) -> np.ndarray:
     return img
 
 
-def _check_masks(masks: Any, hw: tuple[int, int], rid: str, field: str) -> np.ndarray:
+def _check_masks(
+    masks: Any, hw: tuple[int, int], rid: str, field: str
+) -> np.ndarray | LazyMasks:
+    if isinstance(masks, LazyMasks):  # decoded (and checked) one by one where used
+        if tuple(masks.shape[1:]) != hw:
+            raise BadRecordError(rid, field, f"mask of size {masks.shape[1:]} != image size {hw}")
+        return masks
     m = np.asarray(masks if masks is not None else np.zeros((0, *hw), np.uint8))
     if m.ndim != 3 or tuple(m.shape[1:]) != hw:
         raise BadRecordError(rid, field, f"mask of size {m.shape[1:]} != image size {hw}")

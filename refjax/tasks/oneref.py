@@ -96,7 +96,10 @@ class OneRefData(DataTask):
         self.box_mask = bool(box_mask)
 
     def eligible(self, ex: dict) -> bool:
-        return ex["num_targets"] > 0 and len(ex["ref_masks"]) == 0
+        return self.eligible_counts(ex["num_targets"], len(ex["ref_masks"]))
+
+    def eligible_counts(self, num_targets: int, num_refs: int) -> bool:
+        return num_targets > 0 and num_refs == 0
 
     def prepare(self, ex: dict) -> dict:
         if self.box_mask:

@@ -354,13 +354,18 @@ class RASTaskData(RASData):
         return cap if first and cap.strip() else None
 
     def eligible(self, ex: dict) -> bool:
+        if self.spec.caption:
+            return self._caption(ex) is not None
+        return bool(self.eligible_counts(ex["num_targets"], len(ex["ref_masks"])))
+
+    def eligible_counts(self, num_targets: int, num_refs: int) -> bool | None:
         s = self.spec
         if s.caption:
-            return self._caption(ex) is not None
+            return None  # the scene's caption and the expression's position decide
         if s.select == "res":
-            return ex["num_targets"] == 1 and len(ex["ref_masks"]) == 0
+            return num_targets == 1 and num_refs == 0
         if s.select == "gres":
-            return len(ex["ref_masks"]) == 0
+            return num_refs == 0
         return True
 
     def labels(self, ioa: np.ndarray) -> np.ndarray:
