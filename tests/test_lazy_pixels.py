@@ -78,6 +78,8 @@ def test_only_the_used_masks_are_decoded(refshapes_tiny_dir):  # noqa: F811
         assert sorted(scene["masks"]._cache) == sorted({*x["targets"].tolist(),
                                                         *x["refs"].tolist()})
         assert np.array_equal(ex["image"], full["image"])
+        copied = np.array(scene["image"])
+        assert copied.flags.writeable and not np.shares_memory(copied, ex["image"])
         assert np.array_equal(np.asarray(scene["masks"]), full["masks"])
 
 

@@ -74,8 +74,10 @@ class LazyImage:
         return self._array
 
     def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
-        a = self.decode()
-        return a if dtype is None else a.astype(dtype)
+        a = self.decode()  # cached and read-only: a copy when one is asked for
+        if dtype is not None:
+            return a.astype(dtype)
+        return a.copy() if copy else a
 
 
 class LazyMasks:

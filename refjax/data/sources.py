@@ -108,7 +108,7 @@ def decode_scene(record: dict, with_pool: bool = True, lazy: bool = False) -> di
     """
     rid = _str(record.get("image/id", "?"))
     image = record.get("image")
-    declared = ("image/height" in record and "image/width" in record)
+    declared = "image/height" in record and "image/width" in record
     if lazy and declared and isinstance(image, (bytes, np.bytes_)):
         image = LazyImage(image, int(record["image/height"]), int(record["image/width"]), rid)
     else:
